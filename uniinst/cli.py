@@ -1,0 +1,212 @@
+"""The ``uniinst`` command: synth, train, evaluate, predict."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger("uniinst")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from uniinst.data.synthetic import generate_synthetic_coco, occlusion_stats
+
+    paths = generate_synthetic_coco(
+        args.out,
+        splits={"train": args.train, "val": args.val},
+        image_size=args.size,
+        num_classes=args.classes,
+        occlusion=args.occlusion,
+        seed=args.seed,
+    )
+    for split, path in paths.items():
+        stats = occlusion_stats(path)
+        print(f"{split}: {path} ({json.dumps(stats)})")
+    return 0
+
+
+def _load_cfg(args: argparse.Namespace):
+    from uniinst.config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "output_dir", None):
+        overrides.append(f"train.output_dir={args.output_dir}")
+    return load_config(args.config, overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from uniinst.engine.local import train_local
+
+    cfg = _load_cfg(args)
+    result = train_local(cfg, resume=not args.no_resume)
+    print(f"\ntrained to iteration {result.iteration}; checkpoint: {result.checkpoint}")
+    if result.metrics is not None:
+        from uniinst.evaluation.coco_eval import format_table
+
+        print(format_table(result.metrics))
+        print(f"mask AP {result.metrics['AP']:.4f}  (report: {result.output_dir / 'eval'})")
+    print(f"metrics: {result.output_dir / 'metrics.jsonl'}  tensorboard: {result.output_dir / 'tensorboard'}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from uniinst.evaluation.coco_eval import evaluate_segm, format_table, write_report
+
+    out = Path(args.out)
+    if args.results:
+        if not args.gt:
+            raise SystemExit("uniinst evaluate --results needs --gt GT.json")
+        metrics = evaluate_segm(args.gt, args.results)
+        write_report(metrics, out, extra={"gt": str(args.gt), "results": str(args.results)})
+    else:
+        if not args.checkpoint:
+            raise SystemExit("uniinst evaluate needs --checkpoint (or --gt and --results)")
+        import torch
+
+        from uniinst.config import load_config
+        from uniinst.data.coco import CocoDataset
+        from uniinst.engine.local import eval_transform, load_model_for_inference
+        from uniinst.engine.trainer import resolve_device
+        from uniinst.evaluation.inference import evaluate_model
+
+        device = resolve_device(args.device)
+        cfg = load_config(args.config, args.overrides) if args.config else None
+        model, cfg = load_model_for_inference(args.checkpoint, device=device, cfg=cfg)
+        gt = args.gt or cfg.data.val.json
+        images = args.images or cfg.data.val.images
+        if not gt:
+            raise SystemExit("no ground truth: pass --gt GT.json --images DIR, or a config with data.val")
+        with torch.inference_mode():
+            metrics = evaluate_model(
+                model, CocoDataset(gt, images), out, transform=eval_transform(cfg), device=device,
+                extra={"checkpoint": str(args.checkpoint), "gt": str(gt)},
+            )
+    print(format_table(metrics))
+    print(f"written: {out / 'metrics.json'}, {out / 'metrics.md'}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from uniinst.config import load_config
+    from uniinst.data.collate import collate
+    from uniinst.data.coco import CocoRecord
+    from uniinst.data.transforms import EvalTransform
+    from uniinst.engine.local import load_model_for_inference
+    from uniinst.engine.trainer import resolve_device
+    from uniinst.visualize import save_visualization
+
+    device = resolve_device(args.device)
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    model, cfg = load_model_for_inference(args.checkpoint, device=device, cfg=cfg)
+    class_names = args.class_names.split(",") if args.class_names else [str(i) for i in range(cfg.model.num_classes)]
+    if args.class_names is None and "class_names" in (meta := _checkpoint_meta(args.checkpoint)):
+        class_names = meta["class_names"]
+    transform = EvalTransform(short_edge=cfg.data.min_size_test, max_size=cfg.data.max_size_test)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for path in args.images:
+        path = Path(path)
+        try:
+            with Image.open(path) as im:
+                image = np.asarray(im.convert("RGB"))
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"cannot read image {path}: {exc}") from exc
+        h, w = image.shape[:2]
+        record = CocoRecord(
+            image=image, masks=np.zeros((0, h, w), np.uint8), labels=np.zeros(0, np.int64),
+            image_id=0, file_name=path.name, crowd_masks=np.zeros((0, h, w), np.uint8),
+        )
+        batch = collate([transform(record, rng)])
+        with torch.inference_mode():
+            (inst,) = model(batch.images.to(device), batch.image_sizes, orig_sizes=batch.orig_sizes)
+        inst = inst.to("cpu")
+        dest = save_visualization(image, inst, class_names, out / f"{path.stem}.png", score_thresh=args.score_thresh)
+        shown = int((inst.scores >= args.score_thresh).sum())
+        print(f"{path} -> {dest} ({shown} instances with score >= {args.score_thresh})")
+    return 0
+
+
+def _checkpoint_meta(path: str | Path) -> dict:
+    from uniinst.engine.checkpoint import load_checkpoint
+
+    return load_checkpoint(path).get("meta", {})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="uniinst", description="UniInst instance segmentation: train, evaluate, predict.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write a synthetic COCO-format dataset of occluding shapes")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--train", type=int, default=64, help="train images")
+    s.add_argument("--val", type=int, default=16, help="val images")
+    s.add_argument("--size", type=int, default=256, help="image side in pixels")
+    s.add_argument("--classes", type=int, default=4, help="number of shape classes (<= 8)")
+    s.add_argument("--occlusion", choices=["normal", "heavy"], default="normal")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_synth)
+
+    t = sub.add_parser("train", help="train on one machine (CPU or one GPU)")
+    t.add_argument("--config", required=True, help="YAML experiment config")
+    t.add_argument("--output-dir", help="shortcut for train.output_dir=...")
+    t.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.oyor.alpha=0.8")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("evaluate", help="COCO mask AP of a checkpoint, or of an existing results file")
+    e.add_argument("--checkpoint", help="model checkpoint (.pt)")
+    e.add_argument("--config", help="config (default: the one stored in the checkpoint)")
+    e.add_argument("--gt", help="COCO-format ground-truth JSON")
+    e.add_argument("--images", help="image folder of --gt")
+    e.add_argument("--results", help="COCO results JSON to score instead of running a model")
+    e.add_argument("--out", required=True, help="folder for metrics.json and metrics.md")
+    e.add_argument("--device", default="auto")
+    e.add_argument("overrides", nargs="*", help="dotted config overrides")
+    e.set_defaults(func=_cmd_evaluate)
+
+    r = sub.add_parser("predict", help="draw predicted masks on images as PNG files")
+    r.add_argument("images", nargs="+", help="image files")
+    r.add_argument("--checkpoint", required=True)
+    r.add_argument("--config", help="config (default: the one stored in the checkpoint)")
+    r.add_argument("--out", required=True, help="output folder for the PNGs")
+    r.add_argument("--score-thresh", type=float, default=0.3)
+    r.add_argument("--class-names", help="comma-separated class names (default: from the checkpoint)")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--overrides", nargs="*", default=[], help="dotted config overrides")
+    r.set_defaults(func=_cmd_predict)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from uniinst.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"uniinst {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""Typed experiment configs.
+
+A config is a tree of dataclasses. YAML files and dotted command-line overrides
+(``model.oyor.alpha=0.8``) are merged onto the defaults; an unknown key or a value of the
+wrong type raises :class:`ConfigError` naming the dotted key and, where known, the file.
+A YAML file may name a ``base`` file (relative to itself) that it extends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class BackboneConfig:
+    depth: Literal[18, 34, 50, 101] = 50
+    pretrained: bool = False
+    norm: Literal["FrozenBN", "BN", "SyncBN", "GN"] = "FrozenBN"
+    freeze_at: int = 2
+
+
+@dataclass
+class HeadConfig:
+    num_convs: int = 4
+    prior_prob: float = 0.01
+    num_groups: int = 32
+
+
+@dataclass
+class MaskBranchConfig:
+    channels: int = 128
+    num_convs: int = 4
+    out_channels: int = 8
+    norm: Literal["BN", "SyncBN", "GN"] = "BN"
+
+
+@dataclass
+class MaskHeadConfig:
+    channels: int = 8
+    num_layers: int = 3
+    rel_coord_norm: Literal["stride", "soi"] = "stride"
+    sizes_of_interest: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 1024])
+    mask_out_stride: int = 4
+    max_instances: int = 500
+
+
+@dataclass
+class MaxFilterConfig:
+    enabled: bool = True
+    kernel: int = 3
+    tau: int = 2
+
+
+@dataclass
+class OYORConfig:
+    alpha: float = 0.9
+    radius: float = 1.5
+    dice: Literal["binary", "soft"] = "binary"
+    max_candidates: int = 4096
+
+
+@dataclass
+class AuxConfig:
+    enabled: bool = True
+    topk: int = 9
+
+
+@dataclass
+class FCOSConfig:
+    sizes_of_interest: list[float] = field(default_factory=lambda: [64.0, 128.0, 256.0, 512.0])
+    radius: float = 1.5
+
+
+@dataclass
+class LossConfig:
+    cls: float = 1.0
+    mask: float = 1.0
+    rank: float = 1.0
+    aux: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+
+@dataclass
+class InferenceConfig:
+    topk_per_level: int = 100
+    score_thresh: float = 0.025
+    max_detections: int = 100
+    mask_thresh: float = 0.5
+    nms: Literal["none", "mask", "matrix"] = "none"
+    nms_iou: float = 0.5
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["uniinst", "condinst"] = "uniinst"
+    num_classes: int = 80
+    fpn_channels: int = 256
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    mask_branch: MaskBranchConfig = field(default_factory=MaskBranchConfig)
+    mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+    max_filter: MaxFilterConfig = field(default_factory=MaxFilterConfig)
+    rerank: bool = True
+    oyor: OYORConfig = field(default_factory=OYORConfig)
+    aux: AuxConfig = field(default_factory=AuxConfig)
+    fcos: FCOSConfig = field(default_factory=FCOSConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
+    pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+
+
+@dataclass
+class DatasetConfig:
+    """A dataset: a COCO-format JSON with its image folder."""
+
+    json: str = ""
+    images: str = ""
+
+
+@dataclass
+class DataConfig:
+    train: DatasetConfig = field(default_factory=DatasetConfig)
+    val: DatasetConfig = field(default_factory=DatasetConfig)
+    min_size_train: list[int] = field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
+    max_size_train: int = 1333
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    flip_prob: float = 0.5
+    batch_size: int = 2
+    num_workers: int = 2
+    on_error: Literal["raise", "skip"] = "raise"
+    synthetic: bool = False
+    synthetic_train_images: int = 64
+    synthetic_val_images: int = 16
+    synthetic_image_size: int = 256
+
+
+@dataclass
+class SolverConfig:
+    base_lr: float = 0.01
+    reference_batch_size: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    max_iter: int = 270000
+    steps: list[int] = field(default_factory=lambda: [210000, 250000])
+    gamma: float = 0.1
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001
+    clip_grad_norm: float = 0.0
+    amp: bool = True
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_period: int = 5000
+    eval_period: int = 0
+    log_period: int = 20
+    keep_checkpoints: int = 3
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "uniinst"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints widen to floats, nothing else."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if not any(value == c and type(value) is type(c) for c in choices):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (list, Sequence):
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {type(value).__name__}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} does not fit {_type_name(tp)}")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str = "", base: Any = None) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]!s} (valid keys: {', '.join(sorted(names))})")
+    obj = base if base is not None else cls()
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+            setattr(obj, name, _build(tp, value, key, getattr(obj, name)))
+        else:
+            setattr(obj, name, _coerce(value, tp, key))
+    return obj
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'base' reference")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a path string")
+    return _merge(_read_yaml(path.parent / base, seen + (path,)), data)
+
+
+def _merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its key path and a YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from exc
+    return key.split("."), value
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Defaults, then the YAML file (with its ``base`` chain), then dotted overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        data = _read_yaml(Path(path))
+        source = str(path)
+    try:
+        cfg = _build(ExperimentConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        try:
+            cfg = _build(ExperimentConfig, _nest(keys, value), base=cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"override {text!r}: {exc}") from None
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: Mapping[str, Any]) -> ExperimentConfig:
+    """Build a config from a plain mapping (for example one stored in a checkpoint)."""
+    cfg = _build(ExperimentConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: ExperimentConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Checks across fields that the types alone cannot express."""
+    m, s = cfg.model, cfg.solver
+    checks = [
+        (m.num_classes >= 1, "model.num_classes must be >= 1"),
+        (0.0 <= m.oyor.alpha <= 1.0, "model.oyor.alpha must lie in [0, 1]"),
+        (m.fpn_channels % m.head.num_groups == 0, "model.fpn_channels must be divisible by model.head.num_groups"),
+        (len(m.mask_head.sizes_of_interest) == 5, "model.mask_head.sizes_of_interest needs 5 values (P3-P7)"),
+        (len(m.fcos.sizes_of_interest) == 4, "model.fcos.sizes_of_interest needs 4 boundaries"),
+        (len(m.pixel_mean) == 3 and len(m.pixel_std) == 3, "model.pixel_mean/pixel_std need 3 values"),
+        (0 <= m.backbone.freeze_at <= 5, "model.backbone.freeze_at must lie in [0, 5]"),
+        (all(b > a for a, b in zip(s.steps, s.steps[1:])), "solver.steps must increase"),
+        (s.max_iter >= 1, "solver.max_iter must be >= 1"),
+        (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
+        (len(cfg.data.min_size_train) >= 1, "data.min_size_train needs at least one size"),
+        (cfg.train.checkpoint_period >= 0 and cfg.train.eval_period >= 0, "train periods must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

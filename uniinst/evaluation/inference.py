@@ -1,0 +1,70 @@
+"""Running a model over a dataset: COCO results and their metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from uniinst.data.coco import CocoDataset
+from uniinst.data.dataset import InstanceSegDataset, build_eval_loader
+from uniinst.data.transforms import EvalTransform
+from uniinst.evaluation.coco_eval import evaluate_segm, write_report
+from uniinst.evaluation.coco_results import instances_to_coco_results, save_results
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict_dataset(
+    model: nn.Module,
+    dataset: CocoDataset,
+    *,
+    transform: EvalTransform,
+    device: torch.device,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    log_every: int = 50,
+) -> list[dict]:
+    """COCO-format results (RLE masks) for every image of ``dataset``."""
+    was_training = model.training
+    model.eval()
+    loader = build_eval_loader(InstanceSegDataset(dataset, transform), batch_size=batch_size, num_workers=num_workers)
+    results: list[dict] = []
+    done, t0 = 0, time.perf_counter()
+    for batch in loader:
+        outputs = model(batch.images.to(device), batch.image_sizes, orig_sizes=batch.orig_sizes)
+        for image_id, inst in zip(batch.image_ids, outputs):
+            results.extend(instances_to_coco_results(inst.to("cpu"), image_id, dataset.contiguous_to_cat_id))
+        done += len(batch)
+        if log_every and done % log_every < len(batch):
+            logger.info("inference %d/%d images (%.1f img/s)", done, len(dataset), done / (time.perf_counter() - t0))
+    model.train(was_training)
+    return results
+
+
+def evaluate_model(
+    model: nn.Module,
+    dataset: CocoDataset,
+    out_dir: str | Path,
+    *,
+    transform: EvalTransform,
+    device: torch.device,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    extra: dict | None = None,
+) -> dict[str, float]:
+    """Predict, score with pycocotools (segm) and write ``results.json``, ``metrics.json``
+    and ``metrics.md`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = predict_dataset(
+        model, dataset, transform=transform, device=device, batch_size=batch_size, num_workers=num_workers
+    )
+    save_results(results, out_dir / "results.json")
+    metrics = evaluate_segm(dataset.gt_json_path, results, image_ids=dataset.image_ids)
+    write_report(metrics, out_dir, extra=extra)
+    return metrics
