@@ -353,7 +353,7 @@ def validate(cfg: ExperimentConfig) -> None:
         (len(m.mask_head.sizes_of_interest) == 5, "model.mask_head.sizes_of_interest needs 5 values (P3-P7)"),
         (len(m.fcos.sizes_of_interest) == 4, "model.fcos.sizes_of_interest needs 4 boundaries"),
         (len(m.pixel_mean) == 3 and len(m.pixel_std) == 3, "model.pixel_mean/pixel_std need 3 values"),
-        (0 <= m.backbone.freeze_at <= 5, "model.backbone.freeze_at must lie in [0, 5]"),
+        (0 <= m.backbone.freeze_at <= 2, "model.backbone.freeze_at must be 0, 1 or 2"),
         (all(b > a for a, b in zip(s.steps, s.steps[1:])), "solver.steps must increase"),
         (s.max_iter >= 1, "solver.max_iter must be >= 1"),
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),

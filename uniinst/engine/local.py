@@ -37,6 +37,7 @@ class TrainResult:
     iteration: int
     checkpoint: Path
     metrics: dict[str, float] | None
+    model: torch.nn.Module
 
 
 def prepare_synthetic_data(cfg: ExperimentConfig) -> None:
@@ -161,7 +162,7 @@ def train_local(cfg: ExperimentConfig, *, resume: bool = True) -> TrainResult:
     final = ckpt_dir / checkpoint_name(trainer.iteration)
     if metrics is not None:
         (out / "eval" / "final.json").write_text(json.dumps({"iteration": trainer.iteration, **metrics}, indent=2))
-    return TrainResult(out, trainer.iteration, final, metrics)
+    return TrainResult(out, trainer.iteration, final, metrics, model)
 
 
 def load_model_for_inference(checkpoint: str | Path, *, device: torch.device, cfg: ExperimentConfig | None = None):

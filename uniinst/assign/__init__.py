@@ -1,0 +1,1 @@
+"""Training-time assignment of ground-truth instances to feature locations."""

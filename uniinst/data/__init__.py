@@ -1,0 +1,1 @@
+"""Data pipeline: COCO-format reading, transforms, batching and the synthetic dataset."""

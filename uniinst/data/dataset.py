@@ -1,0 +1,130 @@
+"""Torch datasets and loaders: reproducible per-sample randomness and a resumable infinite sampler."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from uniinst.data.coco import CocoDataset, CocoRecord
+from uniinst.data.collate import collate
+from uniinst.structures import Batch, Sample
+
+Transform = Callable[[CocoRecord, np.random.Generator], Sample]
+
+
+class InstanceSegDataset(Dataset):
+    """Transformed samples of a :class:`CocoDataset`.
+
+    The transform's randomness for item ``index`` comes from a generator seeded by
+    ``(seed, epoch, index)``, so any item of any epoch can be reproduced exactly, in any
+    worker process. ``index`` may also be an ``(epoch, index)`` pair: that is how
+    :func:`build_train_loader` passes the epoch, because worker processes hold copies of
+    the dataset that :meth:`set_epoch` cannot reach.
+
+    Args:
+        source: the annotations and images.
+        transform: called as ``transform(record, rng)``.
+        seed: the base seed of the per-item generators.
+        skip_empty: keep only images with at least one non-crowd annotation (decided from
+            the JSON, without decoding images).
+    """
+
+    def __init__(self, source: CocoDataset, transform: Transform, *, seed: int = 0, skip_empty: bool = False) -> None:
+        self.source = source
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        self.indices = [i for i in range(len(source)) if not skip_empty or source.num_instances(i) > 0]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> Sample:
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        if not 0 <= index < len(self.indices):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self.indices)} images")
+        rng = np.random.default_rng((self.seed, epoch, index))
+        return self.transform(self.source.load(self.indices[index]), rng)
+
+
+class TrainingSampler(Sampler[int]):
+    """Infinite stream of dataset indices, reshuffled every epoch.
+
+    Epoch ``e`` is a permutation of ``range(size)`` drawn from a generator seeded by
+    ``(seed, e)``; rank ``r`` of ``world_size`` takes its elements ``r, r + world_size, ...``,
+    so within an epoch no index reaches two ranks and together they cover all. ``start``
+    skips that many indices of this rank's stream, for an exact resume.
+    """
+
+    def __init__(self, size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if size < world_size:
+            raise ValueError(f"dataset of {size} images cannot feed {world_size} ranks")
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        self.size = size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.start = start
+        self.per_epoch = len(range(rank, size, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        for _, index in self.iter_with_epoch():
+            yield index
+
+    def iter_with_epoch(self) -> Iterator[tuple[int, int]]:
+        """The same stream as ``iter(self)``, each index paired with its epoch."""
+        epoch, offset = divmod(self.start, self.per_epoch)
+        while True:
+            permutation = np.random.default_rng((self.seed, epoch)).permutation(self.size)
+            for index in permutation[self.rank :: self.world_size][offset:].tolist():
+                yield epoch, index
+            epoch, offset = epoch + 1, 0
+
+
+class _EpochTaggedSampler(Sampler[tuple[int, int]]):
+    """Feeds ``(epoch, index)`` pairs to :class:`InstanceSegDataset`."""
+
+    def __init__(self, sampler: TrainingSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return self.sampler.iter_with_epoch()
+
+
+def build_train_loader(
+    dataset: InstanceSegDataset,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    start_iter: int = 0,
+) -> Iterator[Batch]:
+    """Infinite iterator of training batches of this rank; ``start_iter`` resumes after that many batches."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    sampler = TrainingSampler(len(dataset), seed=seed, rank=rank, world_size=world_size, start=start_iter * batch_size)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=_EpochTaggedSampler(sampler),
+        num_workers=num_workers,
+        collate_fn=collate,
+    )
+    return iter(loader)
+
+
+def build_eval_loader(dataset: InstanceSegDataset, *, batch_size: int = 1, num_workers: int = 0) -> DataLoader:
+    """Finite, in-order loader over every image of ``dataset``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)

@@ -1,0 +1,1 @@
+"""COCO-format results, pycocotools mask evaluation and metric reports."""

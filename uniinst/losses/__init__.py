@@ -1,0 +1,1 @@
+"""Loss functions and the cross-worker normalisation they use."""

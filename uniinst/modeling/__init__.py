@@ -1,0 +1,1 @@
+"""The UniInst model, its building blocks and its inference post-processing."""

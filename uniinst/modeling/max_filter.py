@@ -1,0 +1,56 @@
+"""DeFCN's 3D max filtering across neighbouring FPN levels (spec §3)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MaxFiltering3D(nn.Module):
+    """3D max filtering: a max over a spatial ``kernel_size × kernel_size`` window and over the
+    levels ``l − tau//2 … l + tau//2``, residual-added to the input of level ``l``.
+
+    A shared 3×3 conv runs on every level; for level ``l`` the conv outputs of the neighbouring
+    levels that exist are bilinearly resized to level ``l``'s size, stacked along a depth axis
+    and max-pooled (depth kernel ``tau + 1``, spatial kernel ``kernel_size``, stride 1, same
+    padding). Output = ReLU(GroupNorm(pooled slice of level ``l`` + input of level ``l``)).
+    At the first and last levels the stack is shorter; ``max_pool3d`` pads with −inf, so the
+    max covers only existing levels.
+    """
+
+    def __init__(self, channels: int = 256, kernel_size: int = 3, tau: int = 2, num_groups: int = 32) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"MaxFiltering3D: kernel_size must be odd and positive, got {kernel_size!r}")
+        if tau < 0 or tau % 2 == 1:
+            raise ValueError(f"MaxFiltering3D: tau must be even and non-negative, got {tau!r}")
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.norm = nn.GroupNorm(num_groups, channels)
+        self.kernel_size = kernel_size
+        self.margin = tau // 2
+        nn.init.normal_(self.conv.weight, std=0.01)
+        nn.init.constant_(self.conv.bias, 0.0)
+
+    def forward(self, features: list[Tensor]) -> list[Tensor]:
+        convolved = [self.conv(x) for x in features]
+        outputs = []
+        for level, x in enumerate(features):
+            size = x.shape[-2:]
+            first = max(0, level - self.margin)
+            last = min(len(features), level + self.margin + 1)
+            stack = torch.stack(
+                [
+                    convolved[k] if k == level else F.interpolate(convolved[k], size=size, mode="bilinear", align_corners=False)
+                    for k in range(first, last)
+                ],
+                dim=2,
+            )
+            pooled = F.max_pool3d(
+                stack,
+                kernel_size=(2 * self.margin + 1, self.kernel_size, self.kernel_size),
+                stride=1,
+                padding=(self.margin, self.kernel_size // 2, self.kernel_size // 2),
+            )
+            outputs.append(F.relu(self.norm(pooled[:, :, level - first] + x)))
+        return outputs

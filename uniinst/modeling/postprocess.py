@@ -1,0 +1,120 @@
+"""NMS-free inference post-processing (spec §5): top locations, masks at the original size."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from uniinst.modeling.aligned_bilinear import aligned_bilinear
+
+# Elements of the float mask stack held at once while pasting (256 MiB of float32).
+_PASTE_CHUNK_ELEMENTS = 1 << 26
+
+
+def select_top_locations(
+    scores: list[Tensor],
+    *,
+    topk_per_level: int = 100,
+    score_thresh: float = 0.025,
+    max_detections: int = 100,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pick the highest (location, class) scores of one image.
+
+    ``scores[l]`` is ``[N_l, K]`` for level ``l``. Per level, the ``topk_per_level`` best
+    (location, class) pairs above ``score_thresh`` are kept; across levels the best
+    ``max_detections`` of those. Returns ``(loc_idx, labels, scores)``, each ``[n]`` and sorted
+    by descending score, where ``loc_idx`` indexes the concatenation of all levels' locations.
+
+    Every top-k has a size fixed by the input shapes and the threshold only masks the final
+    top-k (any score above it outranks every score below it), so the program exports without
+    data-dependent branches.
+    """
+    if len(scores) == 0:
+        raise ValueError("select_top_locations needs at least one level of scores")
+    num_classes = scores[0].shape[-1]
+    for level, s in enumerate(scores):
+        if s.dim() != 2 or s.shape[1] != num_classes:
+            raise ValueError(f"scores[{level}] must be [N, {num_classes}] like scores[0], got {tuple(s.shape)}")
+
+    cand_scores, cand_flat = [], []
+    offset = 0
+    for s in scores:
+        flat = s.reshape(-1)
+        k = min(topk_per_level, flat.numel())
+        top, idx = flat.topk(k)
+        cand_scores.append(top)
+        cand_flat.append(idx + offset * num_classes)
+        offset += s.shape[0]
+    all_scores = torch.cat(cand_scores)
+    all_flat = torch.cat(cand_flat)
+    top, order = all_scores.topk(min(max_detections, all_scores.numel()))
+    flat = all_flat[order]
+    keep = top > score_thresh
+    top, flat = top[keep], flat[keep]
+    return flat // num_classes, flat % num_classes, top
+
+
+def paste_masks(
+    mask_logits: Tensor,
+    *,
+    image_size: tuple[int, int],
+    orig_size: tuple[int, int],
+    mask_out_stride: int = 4,
+    threshold: float = 0.5,
+) -> Tensor:
+    """Binary masks at the original image size from stride-``mask_out_stride`` logits.
+
+    ``mask_logits`` is ``[n, h, w]`` over the padded input; ``image_size`` is the (h, w) of the
+    resized image inside the padding, ``orig_size`` the (h, w) of the image as stored. Returns
+    bool ``[n, H0, W0]``: sigmoid, ``aligned_bilinear`` up to the padded size, crop to
+    ``image_size``, bilinear resize to ``orig_size``, ``> threshold``.
+    """
+    if mask_logits.dim() != 3:
+        raise ValueError(f"mask_logits must be [n, h, w], got {tuple(mask_logits.shape)}")
+    n, h, w = mask_logits.shape
+    img_h, img_w = (int(v) for v in image_size)
+    out_h, out_w = (int(v) for v in orig_size)
+    if img_h > h * mask_out_stride or img_w > w * mask_out_stride:
+        raise ValueError(
+            f"image_size {(img_h, img_w)} exceeds the padded size {(h * mask_out_stride, w * mask_out_stride)} "
+            f"of the mask logits"
+        )
+    out = torch.empty((n, out_h, out_w), dtype=torch.bool, device=mask_logits.device)
+    if n == 0:
+        return out
+    padded = h * w * mask_out_stride**2
+    chunk = max(1, _PASTE_CHUNK_ELEMENTS // max(padded, out_h * out_w))
+    for start in range(0, n, chunk):
+        probs = mask_logits[start : start + chunk, None].float().sigmoid()
+        probs = aligned_bilinear(probs, mask_out_stride)[:, :, :img_h, :img_w]
+        probs = F.interpolate(probs, size=(out_h, out_w), mode="bilinear", align_corners=False)
+        out[start : start + chunk] = probs[:, 0] > threshold
+    return out
+
+
+def masks_to_boxes(masks: Tensor) -> Tensor:
+    """Tight boxes ``[n, 4]`` (x1, y1, x2, y2) of bool masks ``[n, H, W]``; x2 and y2 are one
+    past the last pixel, so a single pixel at (x, y) gives (x, y, x + 1, y + 1). Empty masks
+    give all-zero boxes."""
+    if masks.dim() != 3:
+        raise ValueError(f"masks must be [n, H, W], got {tuple(masks.shape)}")
+    n, h, w = masks.shape
+    if masks.numel() == 0:
+        return torch.zeros((n, 4), dtype=torch.float32, device=masks.device)
+    masks = masks.bool()
+    cols = masks.any(dim=1)
+    rows = masks.any(dim=2)
+    xs = torch.arange(w, device=masks.device)
+    ys = torch.arange(h, device=masks.device)
+    boxes = torch.stack(
+        [
+            torch.where(cols, xs, w).amin(dim=1),
+            torch.where(rows, ys, h).amin(dim=1),
+            torch.where(cols, xs + 1, 0).amax(dim=1),
+            torch.where(rows, ys + 1, 0).amax(dim=1),
+        ],
+        dim=1,
+    ).float()
+    nonempty = cols.any(dim=1, keepdim=True)
+    return torch.where(nonempty, boxes, torch.zeros_like(boxes))

@@ -1,0 +1,90 @@
+"""Drawing predicted instances on their image: blended masks, contours and labels."""
+
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from uniinst.structures import Instances
+
+_GOLDEN_RATIO_CONJUGATE = 0.618033988749895
+
+
+def instance_color(index: int) -> tuple[int, int, int]:
+    """A saturated RGB colour for the ``index``-th instance; hues step by the golden ratio so
+    neighbouring indices stay far apart on the colour wheel."""
+    hue = (index * _GOLDEN_RATIO_CONJUGATE) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _contour(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` with a 4-neighbour outside it (the image border counts as outside)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~interior
+
+
+def draw_instances(
+    image: np.ndarray,
+    instances: Instances,
+    class_names: Sequence[str],
+    *,
+    score_thresh: float = 0.3,
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """A copy of ``image`` (uint8 ``[H, W, 3]``) with every instance scoring at least
+    ``score_thresh`` drawn on it: its mask blended with weight ``alpha`` in its own colour, its
+    contour outlined, and ``"name score"`` written at the mask's top-left corner. Lower-scored
+    instances are drawn first, so the best ones end up on top."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+    masks = instances.masks.detach().cpu().bool().numpy()
+    if len(instances) and masks.shape[1:] != image.shape[:2]:
+        raise ValueError(f"instance masks are {masks.shape[1:]} but the image is {image.shape[:2]}")
+    scores = instances.scores.detach().cpu().float().numpy()
+    labels = instances.labels.detach().cpu().numpy()
+    for label in labels:
+        if not 0 <= label < len(class_names):
+            raise ValueError(f"label {label} has no name among the {len(class_names)} class names")
+
+    canvas = image.astype(np.float32)
+    labelled = []
+    for i in sorted(np.flatnonzero(scores >= score_thresh), key=lambda i: scores[i]):
+        mask = masks[i]
+        if not mask.any():
+            continue
+        color = np.array(instance_color(int(i)), dtype=np.float32)
+        canvas[mask] = (1 - alpha) * canvas[mask] + alpha * color
+        canvas[_contour(mask)] = color
+        ys, xs = np.nonzero(mask)
+        text = f"{class_names[labels[i]]} {scores[i]:.2f}"
+        labelled.append((int(xs.min()), int(ys.min()), text, instance_color(int(i))))
+
+    out = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default()
+    for x, y, text, color in labelled:
+        left, top, right, bottom = draw.textbbox((x, y), text, font=font)
+        draw.rectangle((left, top, right, bottom), fill=(0, 0, 0))
+        draw.text((x, y), text, fill=color, font=font)
+    return np.array(out)
+
+
+def save_visualization(
+    image: np.ndarray,
+    instances: Instances,
+    class_names: Sequence[str],
+    path: str | Path,
+    **kw,
+) -> Path:
+    """Draw ``instances`` on ``image`` (see :func:`draw_instances`, which takes ``kw``) and
+    write it as a PNG at ``path``; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(draw_instances(image, instances, class_names, **kw)).save(path, format="PNG")
+    return path
