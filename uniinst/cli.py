@@ -167,7 +167,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             with Image.open(path) as im:
                 image = np.asarray(im.convert("RGB"))
         except (OSError, ValueError) as exc:
-            raise SystemExit(f"cannot read image {path}: {exc}") from exc
+            raise ValueError(f"cannot read image {path}: {exc}") from exc
         h, w = image.shape[:2]
         record = CocoRecord(
             image=image, masks=np.zeros((0, h, w), np.uint8), labels=np.zeros(0, np.int64),
