@@ -1,0 +1,167 @@
+"""Inference latency of UniInst R-50-FPN next to torchvision's Mask R-CNN R-50-FPN.
+
+Both models see the same pixels (a synthetic image of occluding shapes), batch 1, eval mode,
+``torch.inference_mode()``. The weights are untrained, so both are forced to run their full
+post-processing on 100 detections: Mask R-CNN keeps every box score (``box_score_thresh=0``)
+and UniInst every location score (``score_thresh=-1``, so the top 100 are kept).
+
+The two models run interleaved (A B A B ...) after warm-up and the medians are reported: on
+a shared machine the ratio of the two is far more stable than either absolute figure. The
+last line of output is one JSON object with the results.
+
+    python benchmarks/inference.py                        # CPU, torch's current thread count
+    python benchmarks/inference.py --device cuda --amp    # GPU, fp16 autocast
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+from uniinst.config import load_config
+from uniinst.data.synthetic import generate_synthetic_coco
+from uniinst.modeling.uniinst import build_model
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "configs" / "uniinst_R50_3x.yaml"
+MAX_DETECTIONS = 100
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size must look like HxW (e.g. 800x1216), got {text!r}") from None
+    if h < 32 or w < 32:
+        raise argparse.ArgumentTypeError(f"--size must be at least 32x32, got {text!r}")
+    return h, w
+
+
+def synthetic_image(height: int, width: int, *, seed: int = 0) -> torch.Tensor:
+    """A deterministic uint8 ``[3, H, W]`` image of ten occluding shapes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_synthetic_coco(
+            tmp,
+            splits={"bench": 1},
+            image_size=(height, width),
+            num_classes=8,
+            min_instances=10,
+            max_instances=10,
+            seed=seed,
+        )
+        pixels = np.asarray(Image.open(Path(tmp) / "bench" / "000001.jpg").convert("RGB"))
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_once(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return (time.perf_counter() - start) * 1000.0, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iters", type=int, default=10, help="timed runs of each model")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs of each model first")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--amp", action="store_true", help="fp16 autocast (CUDA only)")
+    parser.add_argument("--size", type=parse_size, default=(800, 1216), help="input HxW (default 800x1216)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="UniInst config")
+    args = parser.parse_args()
+    if args.iters < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--iters and --threads must be >= 1, --warmup >= 0")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} but CUDA is not available")
+    if args.amp and device.type != "cuda":
+        parser.error("--amp needs --device cuda")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    height, width = args.size
+    image = synthetic_image(height, width)
+
+    cfg = load_config(args.config, ["model.backbone.pretrained=false", "model.inference.score_thresh=-1.0"])
+    uniinst = build_model(cfg.model).eval().to(device)
+    # min_size/max_size equal to the input's sides: Mask R-CNN keeps the input's resolution.
+    maskrcnn = (
+        maskrcnn_resnet50_fpn(
+            weights=None,
+            weights_backbone=None,
+            box_score_thresh=0.0,
+            box_detections_per_img=MAX_DETECTIONS,
+            min_size=min(height, width),
+            max_size=max(height, width),
+        )
+        .eval()
+        .to(device)
+    )
+
+    pad_h, pad_w = -(-height // 32) * 32, -(-width // 32) * 32
+    uniinst_input = torch.zeros((1, 3, pad_h, pad_w), dtype=torch.uint8)
+    uniinst_input[0, :, :height, :width] = image
+    uniinst_input = uniinst_input.to(device)
+    maskrcnn_input = [(image.float() / 255.0).to(device)]
+    sizes = [(height, width)]
+
+    def run_uniinst() -> int:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=args.amp):
+            return len(uniinst(uniinst_input, sizes, orig_sizes=sizes)[0])
+
+    def run_maskrcnn() -> int:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=args.amp):
+            return len(maskrcnn(maskrcnn_input)[0]["scores"])
+
+    runners = {"uniinst": run_uniinst, "maskrcnn": run_maskrcnn}
+    detections = {}
+    for _ in range(args.warmup):
+        for name, fn in runners.items():
+            detections[name] = time_once(fn, device)[1]
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.iters):
+        for name, fn in runners.items():
+            ms, detections[name] = time_once(fn, device)
+            times[name].append(ms)
+
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    ratio = medians["uniinst"] / medians["maskrcnn"]
+    precision = "fp16 autocast" if args.amp else "fp32"
+    print(f"input {height}x{width}, batch 1, {device}, {precision}, threads {args.threads}, torch {torch.__version__}")
+    print(f"{'model':<24}{'median ms':>11}{'min ms':>9}{'max ms':>9}{'detections':>12}")
+    for name, label in (("uniinst", "UniInst R-50-FPN"), ("maskrcnn", "Mask R-CNN R-50-FPN")):
+        t = times[name]
+        print(f"{label:<24}{medians[name]:>11.1f}{min(t):>9.1f}{max(t):>9.1f}{detections[name]:>12d}")
+    print(f"ratio UniInst / Mask R-CNN: {ratio:.3f}  (medians of {args.iters} interleaved runs)")
+    result = {
+        "uniinst_ms": round(medians["uniinst"], 2),
+        "maskrcnn_ms": round(medians["maskrcnn"], 2),
+        "ratio": round(ratio, 4),
+        "device": str(device),
+        "threads": args.threads,
+        "size": [height, width],
+        "iters": args.iters,
+        "amp": args.amp,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
