@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny CPU model config and a small synthetic dataset."""
+"""Shared fixtures: a tiny CPU model config, a small synthetic dataset, an S3 endpoint, a local Ray."""
 
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,75 @@ def tiny_config(root: Path, output_dir: Path, *extra: str) -> ExperimentConfig:
             *extra,
         ],
     )
+
+
+# --------------------------------------------------------------------------- object storage and Ray
+
+# Dummy credentials: moto accepts any, and every client (s3fs, boto3, Ray workers started
+# after this) reads them from the environment exactly as it would real ones.
+_AWS_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def aws_test_env():
+    saved = {key: os.environ.get(key) for key in _AWS_TEST_ENV}
+    os.environ.update(_AWS_TEST_ENV)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(aws_test_env) -> str:
+    """The endpoint URL of a real S3 HTTP server (moto) on loopback."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """``s3://<a fresh bucket>`` on :func:`s3_server`."""
+    from uniinst.data.storage import filesystem_for
+
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    fs, _ = filesystem_for(f"s3://{bucket}", endpoint_url=s3_server)
+    fs.mkdir(bucket)
+    return f"s3://{bucket}"
+
+
+@pytest.fixture(scope="session")
+def ray_local(aws_test_env):
+    """A small local Ray for the whole session (its workers inherit the test credentials)."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] = "1"
+    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
+    from ray.data import DataContext, ExecutionOptions, ExecutionResources
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options = ExecutionOptions(
+        resource_limits=ExecutionResources(cpu=2, object_store_memory=150 * 1024**2)
+    )
+    yield ray
+    ray.shutdown()

@@ -1,4 +1,4 @@
-"""The ``uniinst`` command: synth, train, evaluate, predict."""
+"""The ``uniinst`` command: synth, prepare, train, evaluate, predict."""
 
 from __future__ import annotations
 
@@ -112,6 +112,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise SystemExit("uniinst evaluate --results needs --gt GT.json")
         metrics = evaluate_segm(args.gt, args.results)
         write_report(metrics, out, extra={"gt": str(args.gt), "results": str(args.results)})
+    elif args.shards:
+        if not args.checkpoint:
+            raise SystemExit("uniinst evaluate --shards needs --checkpoint")
+        metrics = _evaluate_on_shards(args, out)
     else:
         if not args.checkpoint:
             raise SystemExit("uniinst evaluate needs --checkpoint (or --gt and --results)")
@@ -138,6 +142,36 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_table(metrics))
     print(f"written: {out / 'metrics.json'}, {out / 'metrics.md'}")
     return 0
+
+
+def _evaluate_on_shards(args: argparse.Namespace, out: Path) -> dict[str, float]:
+    """A Ray Data job over the shard dataset ``args.shards``: the ground truth comes from the
+    shards, inference from ``args.replicas`` model replicas."""
+    from uniinst.data.prepare import parse_categories, read_image_ids
+    from uniinst.engine.checkpoint import load_checkpoint
+    from uniinst.engine.trainer import resolve_device
+    from uniinst.ray.data import ensure_ray
+    from uniinst.ray.evaluate import evaluate_shards
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    if args.config:
+        from uniinst.config import load_config, to_dict
+
+        checkpoint["config"] = to_dict(load_config(args.config, args.overrides))
+    use_gpu = resolve_device(args.device).type == "cuda"
+    ensure_ray()
+    return evaluate_shards(
+        args.shards,
+        checkpoint,
+        out,
+        endpoint_url=args.endpoint_url,
+        image_ids=read_image_ids(args.image_ids, endpoint_url=args.endpoint_url) if args.image_ids else None,
+        categories=parse_categories(args.categories) if args.categories else None,
+        replicas=args.replicas,
+        num_gpus=1.0 if use_gpu else 0.0,
+        batch_size=args.batch_size,
+        extra={"checkpoint": str(args.checkpoint)},
+    )
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -183,6 +217,31 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from uniinst.data.prepare import format_summary, local_executor, parse_categories, prepare_dataset
+
+    if args.ray:
+        from uniinst.ray.prepare import connect, ray_executor
+
+        connect("auto")
+        executor = ray_executor()
+    else:
+        executor = local_executor(args.workers)
+    manifest = prepare_dataset(
+        args.json,
+        args.images,
+        args.out,
+        images_per_shard=args.images_per_shard,
+        on_error=args.on_error,
+        endpoint_url=args.endpoint_url,
+        executor=executor,
+        image_ids=args.image_ids,
+        categories=parse_categories(args.categories) if args.categories else None,
+    )
+    print(format_summary(manifest, args.out))
+    return 0
+
+
 def _checkpoint_meta(path: str | Path) -> dict:
     from uniinst.engine.checkpoint import load_checkpoint
 
@@ -204,6 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_synth)
 
+    d = sub.add_parser("prepare", help="convert a COCO-format dataset to Parquet shards at a path or URI")
+    d.add_argument("--json", required=True, help="COCO-format annotation file (path or URI)")
+    d.add_argument("--images", required=True, help="image folder or prefix (path or URI)")
+    d.add_argument("--out", required=True, help="where the shards and manifest go (path or URI)")
+    d.add_argument("--images-per-shard", type=int, default=1000)
+    d.add_argument(
+        "--on-error", choices=["raise", "skip"], default="raise", help="skip: leave bad records out and list them"
+    )
+    d.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials come from the environment)")
+    d.add_argument("--image-ids", help="file of image ids to keep, one per line (e.g. an OCHuman subset)")
+    d.add_argument("--categories", help="comma-separated category names or ids to keep, e.g. person")
+    d.add_argument("--workers", type=int, help="local worker processes (default: the CPU count)")
+    d.add_argument("--ray", action="store_true", help="convert on the running Ray cluster (else a local Ray)")
+    d.set_defaults(func=_cmd_prepare)
+
     t = sub.add_parser("train", help="train on one machine (CPU or one GPU)")
     t.add_argument("--config", required=True, help="YAML experiment config")
     t.add_argument("--output-dir", help="shortcut for train.output_dir=...")
@@ -224,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gt", help="COCO-format ground-truth JSON")
     e.add_argument("--images", help="image folder of --gt")
     e.add_argument("--results", help="COCO results JSON to score instead of running a model")
+    e.add_argument("--shards", help="evaluate on a shard dataset (path or URI) as a Ray Data job")
+    e.add_argument("--image-ids", help="with --shards: file of image ids to evaluate, one per line (OCHuman subset)")
+    e.add_argument("--categories", help="with --shards: comma-separated category names or ids to evaluate, e.g. person")
+    e.add_argument("--replicas", type=int, default=1, help="with --shards: model replicas (one GPU each on GPU)")
+    e.add_argument("--batch-size", type=int, default=1, help="with --shards: images per forward pass")
+    e.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials come from the environment)")
     e.add_argument("--out", required=True, help="folder for metrics.json and metrics.md")
     e.add_argument("--device", default="auto")
     e.add_argument("overrides", nargs="*", help="dotted config overrides")

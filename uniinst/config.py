@@ -124,10 +124,16 @@ class ModelConfig:
 
 @dataclass
 class DatasetConfig:
-    """A dataset: a COCO-format JSON with its image folder."""
+    """A dataset: a COCO-format JSON with its image folder, or a Parquet shard dataset at a
+    URI (local folder, ``s3://``, ``gs://``). ``image_ids`` names a text file of image ids
+    (one per line) selecting a subset, as in the OCHuman protocol; ``category_ids`` restricts
+    evaluation to those original category ids (for example ``[1]``, person)."""
 
     json: str = ""
     images: str = ""
+    shards: str = ""
+    image_ids: str = ""
+    category_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -142,6 +148,8 @@ class DataConfig:
     batch_size: int = 2
     num_workers: int = 2
     on_error: Literal["raise", "skip"] = "raise"
+    endpoint_url: str = ""
+    shuffle_buffer: int = 64
     synthetic: bool = False
     synthetic_train_images: int = 64
     synthetic_val_images: int = 16

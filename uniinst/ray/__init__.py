@@ -1,0 +1,1 @@
+"""Ray integration: shard preparation, streaming data, distributed training and search (imports Ray)."""

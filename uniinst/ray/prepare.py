@@ -1,0 +1,70 @@
+"""Shard preparation on a Ray cluster: :func:`uniinst.data.prepare.convert_shard` as Ray tasks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterator, Sequence
+
+import ray
+
+from uniinst.data.prepare import Executor, ShardResult, ShardTask
+
+logger = logging.getLogger(__name__)
+
+
+def connect(address: str = "auto") -> None:
+    """Join the Ray cluster at ``address`` (``"auto"``: the one running on this machine or
+    named by ``RAY_ADDRESS``), or start a local Ray when there is none."""
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address)
+    except ConnectionError as err:
+        logger.info("no Ray cluster at %r (%s): starting a local one", address, err)
+        ray.init()
+
+
+def ray_executor(*, max_in_flight: int | None = None, max_retries: int = 3, num_cpus: float = 1) -> Executor:
+    """An executor for :func:`uniinst.data.prepare.prepare_dataset` running each shard as a
+    Ray task, yielding results as they finish.
+
+    Args:
+        max_in_flight: shards submitted at once (default: twice the cluster's CPUs over
+            ``num_cpus``), so a huge plan does not flood the scheduler.
+        max_retries: how often a task is rerun after its worker dies or it raises an
+            ``OSError`` (a store that failed to answer); bad input (ValueError) is final.
+        num_cpus: CPUs reserved per task.
+
+    A task gets the endpoint URL in its :class:`ShardTask`; credentials come from the
+    workers' own environment or instance role.
+    """
+
+    def run(convert: Callable[[ShardTask], ShardResult], tasks: Sequence[ShardTask]) -> Iterator[ShardResult]:
+        if not tasks:
+            return
+        connect()
+        remote = ray.remote(num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=[OSError])(convert)
+        limit = max_in_flight or max(1, int(2 * ray.cluster_resources().get("CPU", 1) / num_cpus))
+        waiting = list(reversed(tasks))
+        pending: list[ray.ObjectRef] = []
+        try:
+            while waiting or pending:
+                while waiting and len(pending) < limit:
+                    pending.append(remote.remote(waiting.pop()))
+                (done,), pending = ray.wait(pending, num_returns=1)
+                yield _get(done)
+        finally:
+            for ref in pending:
+                ray.cancel(ref)
+
+    return run
+
+
+def _get(ref: ray.ObjectRef) -> ShardResult:
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, ValueError):
+            # The message names the bad record; the remote traceback stays chained for debugging.
+            raise err.cause from err
+        raise
