@@ -14,9 +14,9 @@ class MaxFiltering3D(nn.Module):
     A shared 3×3 conv runs on every level; for level ``l`` the conv outputs of the neighbouring
     levels that exist are bilinearly resized to level ``l``'s size, stacked along a depth axis
     and max-pooled (depth kernel ``tau + 1``, spatial kernel ``kernel_size``, stride 1, same
-    padding). Output = ReLU(GroupNorm(pooled slice of level ``l`` + input of level ``l``)).
-    At the first and last levels the stack is shorter; ``max_pool3d`` pads with −inf, so the
-    max covers only existing levels.
+    padding), keeping the slice of level ``l``. Output = ReLU(GroupNorm(pooled + input of
+    level ``l``)). At the first and last levels the stack is shorter and the max covers only
+    the existing levels.
     """
 
     def __init__(self, channels: int = 256, kernel_size: int = 3, tau: int = 2, num_groups: int = 32) -> None:
@@ -34,23 +34,20 @@ class MaxFiltering3D(nn.Module):
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:
         convolved = [self.conv(x) for x in features]
+        pad = self.kernel_size // 2
         outputs = []
         for level, x in enumerate(features):
             size = x.shape[-2:]
             first = max(0, level - self.margin)
             last = min(len(features), level + self.margin + 1)
-            stack = torch.stack(
-                [
-                    convolved[k] if k == level else F.interpolate(convolved[k], size=size, mode="bilinear", align_corners=False)
-                    for k in range(first, last)
-                ],
-                dim=2,
-            )
-            pooled = F.max_pool3d(
-                stack,
-                kernel_size=(2 * self.margin + 1, self.kernel_size, self.kernel_size),
-                stride=1,
-                padding=(self.margin, self.kernel_size // 2, self.kernel_size // 2),
-            )
-            outputs.append(F.relu(self.norm(pooled[:, :, level - first] + x)))
+            # The depth window centred on level l spans exactly the stacked levels, so the 3D max
+            # equals an elementwise max over the levels followed by a 2D spatial max pool; that
+            # avoids materialising the depth stack.
+            depth_max = convolved[level]
+            for k in range(first, last):
+                if k != level:
+                    other = F.interpolate(convolved[k], size=size, mode="bilinear", align_corners=False)
+                    depth_max = torch.maximum(depth_max, other)
+            pooled = F.max_pool2d(depth_max, kernel_size=self.kernel_size, stride=1, padding=pad)
+            outputs.append(F.relu(self.norm(pooled + x)))
         return outputs
