@@ -1,0 +1,296 @@
+"""Evaluation from shards: the COCO ground truth rebuilt from the shards themselves, and
+inference as a Ray Data job over a pool of model replicas.
+
+The OCHuman protocol is two filters: an image-id list selects the evaluated subset (the
+paper's 1,761 images) and ``category_ids`` keeps the person category.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+from pycocotools.coco import COCO
+
+from uniinst.config import config_from_dict
+from uniinst.data.collate import collate
+from uniinst.data.prepare import redact_uri
+from uniinst.data.shards import Manifest, decode_row, read_manifest, shard_uris
+from uniinst.data.storage import filesystem_for
+from uniinst.data.transforms import EvalTransform
+from uniinst.engine.checkpoint import load_checkpoint
+from uniinst.evaluation.coco_eval import evaluate_segm, write_report
+from uniinst.evaluation.coco_results import instances_to_coco_results, save_results
+from uniinst.modeling.uniinst import build_model
+from uniinst.ray.data import read_shards
+
+logger = logging.getLogger(__name__)
+
+_GT_COLUMNS = ["image_id", "file_name", "height", "width", "annotations"]
+_RESULT_SCHEMA = pa.schema([("image_id", pa.int64()), ("results", pa.string())])
+# Shards whose ground truth is read at once: an object store answers many requests at a time.
+_GT_READERS = 8
+
+
+def gt_from_shards(
+    uri: str,
+    *,
+    endpoint_url: str | None = None,
+    manifest: Manifest | None = None,
+    image_ids: Iterable[int] | None = None,
+) -> dict[str, Any]:
+    """The COCO ground truth (``images``, ``annotations`` with compressed-RLE segmentations,
+    ``categories``) of the shard dataset at ``uri``, read without the image bytes.
+
+    ``image_ids`` keeps only those images; an id the shards lack raises a ValueError.
+    """
+    manifest = manifest or read_manifest(uri, endpoint_url=endpoint_url)
+    wanted = None if image_ids is None else set(int(i) for i in image_ids)
+
+    def read(shard_uri: str) -> list[dict]:
+        fs, path = filesystem_for(shard_uri, endpoint_url=endpoint_url)
+        try:
+            with fs.open(path, "rb") as f:
+                return pq.ParquetFile(f).read(columns=_GT_COLUMNS).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(f"shard {redact_uri(shard_uri)}: cannot read its annotations: {exc}") from exc
+
+    images, annotations = [], []
+    with ThreadPoolExecutor(_GT_READERS) as pool:
+        for rows in pool.map(read, shard_uris(uri, manifest)):
+            for row in rows:
+                if wanted is not None and row["image_id"] not in wanted:
+                    continue
+                height, width = int(row["height"]), int(row["width"])
+                images.append({"id": int(row["image_id"]), "file_name": row["file_name"], "height": height, "width": width})
+                for ann in row["annotations"] or ():
+                    annotations.append(
+                        {
+                            "id": int(ann["id"]),
+                            "image_id": int(row["image_id"]),
+                            "category_id": int(ann["category_id"]),
+                            "iscrowd": int(ann["iscrowd"]),
+                            "segmentation": {"size": [height, width], "counts": bytes(ann["rle"]).decode("ascii")},
+                            "area": float(ann["area"]),
+                            "bbox": [float(v) for v in ann["bbox"]],
+                        }
+                    )
+    if wanted is not None:
+        missing = sorted(wanted - {im["id"] for im in images})
+        if missing:
+            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+            raise ValueError(f"{len(missing)} of the requested image ids are not in {redact_uri(uri)}: {shown}")
+    images.sort(key=lambda im: im["id"])
+    categories = sorted(({"id": c["id"], "name": c["name"]} for c in manifest.categories), key=lambda c: c["id"])
+    return {"images": images, "annotations": annotations, "categories": categories, "info": {}, "licenses": []}
+
+
+def coco_from_dict(gt: Mapping[str, Any]) -> COCO:
+    """A pycocotools ``COCO`` indexing ``gt`` (its index-building print silenced)."""
+    coco = COCO()
+    coco.dataset = dict(gt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def resolve_categories(manifest: Manifest, categories: Sequence[int | str]) -> list[int]:
+    """Category ids for ``categories`` given as ids or names (``"person"``)."""
+    by_name = {c["name"]: c["id"] for c in manifest.categories}
+    ids = set(by_name.values())
+    out = []
+    for item in categories:
+        cat_id = item if isinstance(item, int) else by_name.get(item)
+        if cat_id is None or cat_id not in ids:
+            raise ValueError(f"category {item!r} is not in the dataset (it has: {', '.join(sorted(by_name))})")
+        out.append(cat_id)
+    return sorted(set(out))
+
+
+def label_to_category(manifest: Manifest, *, num_classes: int, class_names: Sequence[str] | None = None) -> list[int]:
+    """The dataset's category id of each of the model's contiguous labels (-1: not in it).
+
+    A model that knows its class names is matched by name, so a COCO model evaluates on
+    OCHuman's single ``person`` category; otherwise the model must have exactly the
+    dataset's categories, in id order.
+    """
+    if class_names:
+        if len(class_names) != num_classes:
+            raise ValueError(f"the model has {num_classes} classes but {len(class_names)} class names")
+        by_name = {c["name"]: c["id"] for c in manifest.categories}
+        mapping = [by_name.get(name, -1) for name in class_names]
+        if all(m == -1 for m in mapping):
+            raise ValueError(
+                f"none of the model's classes ({', '.join(class_names[:5])}, ...) is a category of the dataset "
+                f"({', '.join(sorted(by_name))})"
+            )
+        return mapping
+    if num_classes != len(manifest.categories):
+        raise ValueError(
+            f"the model has {num_classes} classes and no class names, the dataset {len(manifest.categories)} categories"
+        )
+    return list(manifest.contiguous_to_cat_id)
+
+
+class ShardPredictor:
+    """One model replica of the inference job: loads the weights once, then turns batches of
+    shard rows into COCO results (one row per image, its results as a JSON list)."""
+
+    def __init__(
+        self,
+        state: list[ray.ObjectRef],
+        *,
+        label_to_cat: Sequence[int],
+        category_ids: Sequence[int] | None,
+        shard_names: Sequence[str],
+        batch_size: int,
+        use_gpu: bool,
+    ) -> None:
+        # The checkpoint travels through the object store (wrapped in a list so Ray does not
+        # resolve it early), so the replicas need no shared filesystem.
+        checkpoint = ray.get(state[0])
+        cfg = config_from_dict(checkpoint["config"])
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = build_model(cfg.model)
+        self.model.load_state_dict(checkpoint["model"])
+        self.model.to(self.device).eval()
+        self.transform = EvalTransform(short_edge=cfg.data.min_size_test, max_size=cfg.data.max_size_test)
+        self.label_to_cat = list(label_to_cat)
+        self.category_ids = None if category_ids is None else set(category_ids)
+        self.shard_names = list(shard_names)
+        self.batch_size = batch_size
+        self.rng = np.random.default_rng(0)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        out = []
+        for begin in range(0, len(rows), self.batch_size):
+            chunk = rows[begin : begin + self.batch_size]
+            # Inference needs the pixels only: the ground truth comes from gt_from_shards.
+            records = [
+                decode_row({**row, "annotations": []}, {}, where=f"shard {self.shard_names[row['shard']]}")
+                for row in chunk
+            ]
+            batch_in = collate([self.transform(record, self.rng) for record in records])
+            with torch.inference_mode():
+                outputs = self.model(batch_in.images.to(self.device), batch_in.image_sizes, orig_sizes=batch_in.orig_sizes)
+            for image_id, instances in zip(batch_in.image_ids, outputs):
+                results = [
+                    r
+                    for r in instances_to_coco_results(instances.to("cpu"), image_id, self.label_to_cat)
+                    if r["category_id"] != -1 and (self.category_ids is None or r["category_id"] in self.category_ids)
+                ]
+                out.append({"image_id": image_id, "results": json.dumps(results)})
+        return pa.Table.from_pylist(out, schema=_RESULT_SCHEMA)
+
+
+def _load_state(checkpoint: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """What a replica needs of a checkpoint: weights, config and meta (not the optimizer)."""
+    state = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
+    missing = [k for k in ("model", "config") if k not in state]
+    if missing:
+        name = "the checkpoint" if isinstance(checkpoint, Mapping) else f"checkpoint {checkpoint}"
+        raise ValueError(f"{name} lacks {', '.join(missing)}")
+    return {"model": state["model"], "config": state["config"], "meta": state.get("meta", {})}
+
+
+def predict_shards(
+    uri: str,
+    checkpoint: str | Path | Mapping[str, Any],
+    *,
+    endpoint_url: str | None = None,
+    manifest: Manifest | None = None,
+    image_ids: Iterable[int] | None = None,
+    category_ids: Sequence[int] | None = None,
+    replicas: int = 1,
+    num_gpus: float = 0.0,
+    num_cpus: float = 1.0,
+    batch_size: int = 1,
+) -> list[dict]:
+    """COCO results of a checkpoint (a path, or an in-memory ``{"model", "config", "meta"}``)
+    on the shard dataset at ``uri``, from ``replicas`` model replicas in a Ray Data actor
+    pool (``num_gpus`` / ``num_cpus`` each). Every selected image must come back, or this raises."""
+    if replicas < 1 or batch_size < 1:
+        raise ValueError(f"replicas and batch_size must be >= 1, got {replicas} and {batch_size}")
+    manifest = manifest or read_manifest(uri, endpoint_url=endpoint_url)
+    state = _load_state(checkpoint)
+    cfg = config_from_dict(state["config"])
+    mapping = label_to_category(manifest, num_classes=cfg.model.num_classes, class_names=state["meta"].get("class_names"))
+    wanted = None if image_ids is None else sorted(set(int(i) for i in image_ids))
+    expected = manifest.num_images if wanted is None else len(wanted)
+
+    ds, _ = read_shards(uri, endpoint_url=endpoint_url, manifest=manifest, image_ids=wanted)
+    ds.context.execution_options.preserve_order = False
+    predictions = ds.map_batches(
+        ShardPredictor,
+        fn_constructor_kwargs={
+            "state": [ray.put(state)],
+            "label_to_cat": mapping,
+            "category_ids": None if category_ids is None else list(category_ids),
+            "shard_names": [redact_uri(s) for s in shard_uris(uri, manifest)],
+            "batch_size": batch_size,
+            "use_gpu": num_gpus > 0,
+        },
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        concurrency=replicas,
+        num_gpus=num_gpus,
+        num_cpus=num_cpus,
+    )
+    results: list[dict] = []
+    seen: set[int] = set()
+    for block in predictions.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for image_id, text in zip(block.column("image_id").to_pylist(), block.column("results").to_pylist()):
+            seen.add(image_id)
+            results.extend(json.loads(text))
+    if len(seen) != expected:
+        raise RuntimeError(f"inference on {redact_uri(uri)} returned {len(seen)} of {expected} images")
+    return results
+
+
+def evaluate_shards(
+    uri: str,
+    checkpoint: str | Path | Mapping[str, Any],
+    out_dir: str | Path,
+    *,
+    endpoint_url: str | None = None,
+    image_ids: Iterable[int] | None = None,
+    categories: Sequence[int | str] | None = None,
+    replicas: int = 1,
+    num_gpus: float = 0.0,
+    batch_size: int = 1,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, float]:
+    """Mask AP of a checkpoint on the shard dataset at ``uri``: predict (:func:`predict_shards`),
+    score against :func:`gt_from_shards` and write ``results.json``, ``metrics.json`` and
+    ``metrics.md`` into ``out_dir``. ``image_ids`` and ``categories`` (ids or names) restrict
+    the evaluation, as the OCHuman protocol does."""
+    manifest = read_manifest(uri, endpoint_url=endpoint_url)
+    subset = None if image_ids is None else sorted(set(int(i) for i in image_ids))
+    category_ids = None if categories is None else resolve_categories(manifest, categories)
+    gt = gt_from_shards(uri, endpoint_url=endpoint_url, manifest=manifest, image_ids=subset)
+    results = predict_shards(
+        uri, checkpoint, endpoint_url=endpoint_url, manifest=manifest, image_ids=subset, category_ids=category_ids,
+        replicas=replicas, num_gpus=num_gpus, batch_size=batch_size,
+    )
+    out_dir = Path(out_dir)
+    save_results(results, out_dir / "results.json")
+    metrics = evaluate_segm(
+        coco_from_dict(gt), results, image_ids=[im["id"] for im in gt["images"]], category_ids=category_ids
+    )
+    details = {"shards": redact_uri(uri), "images": len(gt["images"])}
+    if category_ids is not None:
+        details["category_ids"] = category_ids
+    write_report(metrics, out_dir, extra={**details, **(extra or {})})
+    return metrics
