@@ -120,14 +120,22 @@ def s3_bucket(s3_server) -> str:
     return f"s3://{bucket}"
 
 
-@pytest.fixture(scope="session")
-def ray_local(aws_test_env):
-    """A small local Ray for the whole session (its workers inherit the test credentials)."""
-    ray = pytest.importorskip("ray")
+_RAY_SESSION = {"local": False}
+
+
+def start_local_ray():
+    """The small local Ray the tests share (its workers inherit the test credentials)."""
+    import ray
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] = "1"
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
+    limit_ray_data()
+    return ray
+
+
+def limit_ray_data() -> None:
     from ray.data import DataContext, ExecutionOptions, ExecutionResources
 
     ctx = DataContext.get_current()
@@ -135,5 +143,23 @@ def ray_local(aws_test_env):
     ctx.execution_options = ExecutionOptions(
         resource_limits=ExecutionResources(cpu=2, object_store_memory=150 * 1024**2)
     )
+
+
+@pytest.fixture(scope="session")
+def ray_local(aws_test_env):
+    """A small local Ray for the whole session. A module that needs another cluster shuts
+    it down and calls :func:`restore_local_ray` when done."""
+    ray = pytest.importorskip("ray")
+    start_local_ray()
+    _RAY_SESSION["local"] = True
     yield ray
+    _RAY_SESSION["local"] = False
     ray.shutdown()
+
+
+def restore_local_ray() -> None:
+    """Bring back the session's local Ray if a fixture had started it."""
+    import ray
+
+    if _RAY_SESSION["local"] and not ray.is_initialized():
+        start_local_ray()

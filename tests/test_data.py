@@ -356,14 +356,16 @@ def test_collate_single_image_without_instances():
 
 @pytest.mark.parametrize("size", [10, 11])
 def test_training_sampler_ranks_partition_each_epoch(size):
-    streams = [iter(TrainingSampler(size, seed=3, rank=r, world_size=2)) for r in range(2)]
-    per_rank = [len(range(r, size, 2)) for r in range(2)]
-    epochs = []
-    for _ in range(3):
-        parts = [list(itertools.islice(s, n)) for s, n in zip(streams, per_rank)]
-        assert not set(parts[0]) & set(parts[1])
-        assert sorted(parts[0] + parts[1]) == list(range(size))
-        epochs.append(parts[0] + parts[1])
+    world = 2
+    streams = [iter(TrainingSampler(size, seed=3, rank=r, world_size=world)) for r in range(world)]
+    interleaved = [next(streams[g % world]) for g in range(3 * size)]
+    # Rank streams interleaved give one process's stream: the same global batches.
+    assert interleaved == list(itertools.islice(TrainingSampler(size, seed=3), 3 * size))
+    epochs = [interleaved[e * size : (e + 1) * size] for e in range(3)]
+    for e, epoch in enumerate(epochs):
+        assert sorted(epoch) == list(range(size))  # no index twice in an epoch, across ranks
+        by_rank = [epoch[(r - e * size) % world :: world] for r in range(world)]
+        assert not set(by_rank[0]) & set(by_rank[1])
     assert epochs[0] != epochs[1]  # reshuffled every epoch
 
 

@@ -230,6 +230,28 @@ def test_epochs_reshuffle_reproducibly_and_resume_exactly(ray_local, synth_shard
         _assert_batches_equal(a, b)
 
 
+def test_ranks_split_the_global_stream_of_one_process(ray_local, synth_shards):
+    from uniinst.ray.data import iter_train_batches
+
+    uri, world = str(synth_shards / "train"), 3
+    kw = dict(transform=TrainTransform(short_edge=(48, 64), max_size=64, flip_prob=0.5), seed=5, shuffle_buffer_size=3)
+    one = _take(iter_train_batches(uri, batch_size=world, **kw), 4)  # 12 images: an epoch and a half
+    ranks = [_take(iter_train_batches(uri, batch_size=1, rank=r, world_size=world, **kw), 4) for r in range(world)]
+    for k, batch in enumerate(one):
+        parts = [ranks[r][k] for r in range(world)]
+        assert batch.image_ids == [p.image_ids[0] for p in parts]
+        for i, part in enumerate(parts):
+            h, w = part.image_sizes[0]
+            assert torch.equal(batch.images[i, :, :h, :w], part.images[0, :, :h, :w])  # same augmentation
+            assert torch.equal(batch.targets[i].labels, part.targets[0].labels)
+    epoch0 = [i for b in one for i in b.image_ids][:8]
+    assert len(set(epoch0)) == 8  # no image reaches two ranks within an epoch
+
+    resumed = _take(iter_train_batches(uri, batch_size=1, rank=1, world_size=world, start_iter=2, **kw), 2)
+    for a, b in zip(resumed, ranks[1][2:]):
+        _assert_batches_equal(a, b)
+
+
 def test_stream_over_a_dataset_and_a_data_iterator(ray_local, synth_shards):
     from uniinst.ray.data import DecodeStep, decode_rows, iter_train_batches, read_shards
 

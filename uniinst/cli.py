@@ -14,7 +14,7 @@ from PIL import Image
 
 logger = logging.getLogger("uniinst")
 
-DEFAULT_QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "synth_R18_uniinst.yaml"
+DEFAULT_QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -51,7 +51,26 @@ def _load_cfg(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
+def _ray_overrides(args: argparse.Namespace) -> list[str]:
+    extra = []
+    if getattr(args, "workers", None):
+        extra.append(f"ray.num_workers={args.workers}")
+    if getattr(args, "storage_path", None):
+        extra.append(f"ray.storage_path={args.storage_path}")
+    if getattr(args, "name", None):
+        extra.append(f"ray.name={args.name}")
+    return extra
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.workers or args.storage_path:
+        from uniinst.ray.train import format_summary, train_ray
+
+        args.overrides = [*args.overrides, *_ray_overrides(args)]
+        result = train_ray(_load_cfg(args), resume=not args.no_resume)
+        print("\n" + format_summary(result))
+        return 0
+
     from uniinst.engine.local import train_local
 
     cfg = _load_cfg(args)
@@ -67,38 +86,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
-    import torch
+    from uniinst.ray.train import draw_shard_predictions, format_summary, train_ray
 
-    from uniinst.data.coco import CocoDataset
-    from uniinst.data.collate import collate
-    from uniinst.engine.local import eval_transform, train_local
-    from uniinst.evaluation.coco_eval import format_table
-    from uniinst.visualize import save_visualization
-
+    args.overrides = [*args.overrides, *_ray_overrides(args)]
     cfg = _load_cfg(args)
-    print(f"quickstart: training {cfg.name} on synthetic shapes in {cfg.train.output_dir} ...", flush=True)
-    result = train_local(cfg)
-    val = CocoDataset(cfg.data.val.json, cfg.data.val.images)
-    model = result.model.eval()
-    device = next(model.parameters()).device
-    pred_dir = result.output_dir / "predictions"
-    pred_dir.mkdir(parents=True, exist_ok=True)
-    transform = eval_transform(cfg)
-    rng = np.random.default_rng(0)
-    for index in range(min(args.num_images, len(val))):
-        record = val.load(index)
-        batch = collate([transform(record, rng)])
-        with torch.inference_mode():
-            (inst,) = model(batch.images.to(device), batch.image_sizes, orig_sizes=batch.orig_sizes)
-        save_visualization(record.image, inst.to("cpu"), val.class_names, pred_dir / f"{record.image_id}.png")
-    print("\n" + format_table(result.metrics or {}))
+    print(
+        f"quickstart: synthetic shapes -> shards -> Ray Train with {cfg.ray.num_workers} local worker(s) -> "
+        f"evaluation -> PNGs, in {cfg.train.output_dir} ...",
+        flush=True,
+    )
+    result = train_ray(cfg)
+    if result.best_checkpoint is None:
+        raise ValueError("the run kept no model_best.pt: does the config evaluate (data.val)?")
+    pred_dir = Path(cfg.train.output_dir) / "predictions"
+    drawn = draw_shard_predictions(
+        result.best_checkpoint, cfg.data.val.shards, pred_dir, num_images=args.num_images,
+        endpoint_url=cfg.data.endpoint_url or None,
+    )
     ap = (result.metrics or {}).get("AP", float("nan"))
     print(
-        f"\nquickstart done: val mask AP {ap:.3f} after {result.iteration} iterations\n"
-        f"  checkpoint:   {result.checkpoint}\n"
-        f"  evaluation:   {result.output_dir / 'eval'}\n"
-        f"  predictions:  {pred_dir} ({min(args.num_images, len(val))} PNGs)\n"
-        f"  metrics log:  {result.output_dir / 'metrics.jsonl'} (TensorBoard: {result.output_dir / 'tensorboard'})"
+        "\n" + format_summary(result) + f"\n  predictions:  {pred_dir} ({drawn} PNGs)\n"
+        f"\nquickstart done: val mask AP {ap:.3f} after {result.iteration} iterations"
     )
     return 0
 
@@ -278,16 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ray", action="store_true", help="convert on the running Ray cluster (else a local Ray)")
     d.set_defaults(func=_cmd_prepare)
 
-    t = sub.add_parser("train", help="train on one machine (CPU or one GPU)")
+    t = sub.add_parser("train", help="train in this process, or with --workers on a Ray cluster (Ray Train DDP)")
     t.add_argument("--config", required=True, help="YAML experiment config")
     t.add_argument("--output-dir", help="shortcut for train.output_dir=...")
     t.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
+    t.add_argument("--workers", type=int, help="train with Ray Train on this many workers (ray.num_workers)")
+    t.add_argument("--storage-path", help="with Ray: run storage, a folder or s3:// URI (ray.storage_path)")
+    t.add_argument("--name", help="with Ray: run name; rerunning a name resumes it (ray.name)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.oyor.alpha=0.8")
     t.set_defaults(func=_cmd_train)
 
-    q = sub.add_parser("quickstart", help="train a small model on synthetic data, evaluate it, draw predictions")
+    q = sub.add_parser(
+        "quickstart", help="the whole flow on this machine: synthetic shards, Ray Train on 2 workers, evaluation, PNGs"
+    )
     q.add_argument("--config", default=str(DEFAULT_QUICKSTART), help="YAML experiment config")
     q.add_argument("--output-dir", help="shortcut for train.output_dir=...")
+    q.add_argument("--workers", type=int, help="Ray Train workers (default: the config's ray.num_workers)")
     q.add_argument("--num-images", type=int, default=8, help="val images to draw")
     q.add_argument("overrides", nargs="*", help="dotted overrides, e.g. solver.max_iter=200")
     q.set_defaults(func=_cmd_quickstart)

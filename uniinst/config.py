@@ -183,12 +183,34 @@ class TrainConfig:
 
 
 @dataclass
+class RayConfig:
+    """Training on a Ray cluster (``uniinst train --workers N``, ``ray_jobs/train.py``).
+
+    The run lives at ``storage_path/name`` (a local folder or ``s3://``/``gs://``): its
+    checkpoints, metrics, TensorBoard files and evaluation reports; rerunning the same
+    ``(storage_path, name)`` resumes it. Empty ``storage_path`` and ``name`` mean the folder
+    ``train.output_dir``. ``min_workers > 0`` makes the worker group elastic between
+    ``min_workers`` and ``num_workers`` (spot capacity)."""
+
+    num_workers: int = 1
+    min_workers: int = 0
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    accelerator_type: str = ""
+    storage_path: str = ""
+    name: str = ""
+    max_failures: int = 3
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "uniinst"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -367,6 +389,10 @@ def validate(cfg: ExperimentConfig) -> None:
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
         (len(cfg.data.min_size_train) >= 1, "data.min_size_train needs at least one size"),
         (cfg.train.checkpoint_period >= 0 and cfg.train.eval_period >= 0, "train periods must be >= 0"),
+        (cfg.ray.num_workers >= 1, "ray.num_workers must be >= 1"),
+        (0 <= cfg.ray.min_workers <= cfg.ray.num_workers, "ray.min_workers must lie in [0, ray.num_workers]"),
+        (cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker must be > 0"),
+        (cfg.ray.max_failures >= -1, "ray.max_failures must be >= -1 (-1: retry forever)"),
     ]
     for ok, message in checks:
         if not ok:

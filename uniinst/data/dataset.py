@@ -55,10 +55,12 @@ class InstanceSegDataset(Dataset):
 class TrainingSampler(Sampler[int]):
     """Infinite stream of dataset indices, reshuffled every epoch.
 
-    Epoch ``e`` is a permutation of ``range(size)`` drawn from a generator seeded by
-    ``(seed, e)``; rank ``r`` of ``world_size`` takes its elements ``r, r + world_size, ...``,
-    so within an epoch no index reaches two ranks and together they cover all. ``start``
-    skips that many indices of this rank's stream, for an exact resume.
+    The global stream is the concatenation of epoch permutations of ``range(size)``, epoch
+    ``e`` drawn from a generator seeded by ``(seed, e)``. Rank ``r`` of ``world_size`` takes
+    its positions ``r, r + world_size, ...``: within an epoch no index reaches two ranks, and
+    the ranks' ``k``-th batches of ``b`` together hold exactly the ``k``-th batch of
+    ``b * world_size`` that one process would draw. ``start`` skips that many indices of this
+    rank's stream, for an exact resume.
     """
 
     def __init__(self, size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
@@ -73,7 +75,6 @@ class TrainingSampler(Sampler[int]):
         self.rank = rank
         self.world_size = world_size
         self.start = start
-        self.per_epoch = len(range(rank, size, world_size))
 
     def __iter__(self) -> Iterator[int]:
         for _, index in self.iter_with_epoch():
@@ -81,12 +82,14 @@ class TrainingSampler(Sampler[int]):
 
     def iter_with_epoch(self) -> Iterator[tuple[int, int]]:
         """The same stream as ``iter(self)``, each index paired with its epoch."""
-        epoch, offset = divmod(self.start, self.per_epoch)
+        position = self.rank + self.start * self.world_size
+        epoch, permutation = -1, np.empty(0, dtype=np.int64)
         while True:
-            permutation = np.random.default_rng((self.seed, epoch)).permutation(self.size)
-            for index in permutation[self.rank :: self.world_size][offset:].tolist():
-                yield epoch, index
-            epoch, offset = epoch + 1, 0
+            e, offset = divmod(position, self.size)
+            if e != epoch:
+                epoch, permutation = e, np.random.default_rng((self.seed, e)).permutation(self.size)
+            yield epoch, int(permutation[offset])
+            position += self.world_size
 
 
 class _EpochTaggedSampler(Sampler[tuple[int, int]]):
@@ -123,7 +126,7 @@ def build_train_loader(
     return iter(loader)
 
 
-def build_eval_loader(dataset: InstanceSegDataset, *, batch_size: int = 1, num_workers: int = 0) -> DataLoader:
+def build_eval_loader(dataset: Dataset, *, batch_size: int = 1, num_workers: int = 0) -> DataLoader:
     """Finite, in-order loader over every image of ``dataset``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

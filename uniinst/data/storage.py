@@ -8,6 +8,8 @@ an S3-compatible store such as MinIO. ``AWS_ENDPOINT_URL`` in the environment wo
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import fsspec
@@ -41,3 +43,64 @@ def join(base: str, *parts: str) -> str:
     for part in parts:
         out = f"{out}/{part.strip('/')}"
     return out
+
+
+def exists(uri: str, *, endpoint_url: str | None = None) -> bool:
+    fs, path = filesystem_for(uri, endpoint_url=endpoint_url)
+    return bool(fs.exists(path))
+
+
+def upload_file(local: str | os.PathLike, uri: str, *, endpoint_url: str | None = None) -> None:
+    """Copy a local file to ``uri`` so that a reader never sees it half-written: an object
+    store publishes an object whole; a local destination is written next to it and renamed."""
+    fs, path = filesystem_for(uri, endpoint_url=endpoint_url)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            shutil.copyfile(local, tmp)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return
+    fs.put_file(os.fspath(local), path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def download_file(uri: str, local: str | os.PathLike, *, endpoint_url: str | None = None) -> bool:
+    """Copy ``uri`` to a local file; False when it does not exist."""
+    fs, path = filesystem_for(uri, endpoint_url=endpoint_url)
+    if not fs.exists(path):
+        return False
+    fs.get_file(path, os.fspath(local))
+    return True
+
+
+def arrow_filesystem_for(uri: str, *, endpoint_url: str | None = None) -> tuple[Any, str]:
+    """A ``pyarrow.fs`` filesystem and path for ``uri`` when an S3 endpoint must be named (for
+    libraries that take one, such as Ray Train's ``storage_filesystem``), else ``(None, uri)``.
+    Credentials are left to the AWS chain of each process that uses it."""
+    protocol, path = split_uri(uri)
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    if protocol not in ("s3", "s3a") or not endpoint_url:
+        return None, (path if protocol == "file" else uri)
+    from urllib.parse import urlparse
+
+    import pyarrow.fs
+
+    parsed = urlparse(endpoint_url)
+    fs = pyarrow.fs.S3FileSystem(
+        endpoint_override=parsed.netloc or parsed.path,
+        scheme=parsed.scheme or "https",
+        region=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+    )
+    return fs, path

@@ -36,6 +36,11 @@ class MetricsWriter:
             for k, v in metrics.items():
                 self._tb.add_scalar(f"{prefix}{k}", float(v), iteration)
 
+    def flush(self) -> None:
+        self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:

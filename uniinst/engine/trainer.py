@@ -153,6 +153,7 @@ class Trainer:
         on_log: Callable[[int, dict[str, float]], None] | None = None,
         on_checkpoint: Callable[[int], None] | None = None,
         on_eval: Callable[[int], None] | None = None,
+        on_iteration_end: Callable[[int], None] | None = None,
     ) -> None:
         """Train from the current iteration to ``max_iter``.
 
@@ -191,6 +192,8 @@ class Trainer:
                 on_checkpoint(self.iteration)
             if on_eval and ((eval_period and self.iteration % eval_period == 0) or done):
                 on_eval(self.iteration)
+            if on_iteration_end:
+                on_iteration_end(self.iteration)
 
 
 def format_progress(iteration: int, max_iter: int, metrics: Mapping[str, float]) -> str:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, Subset
 
 from uniinst.data.coco import CocoDataset
 from uniinst.data.dataset import InstanceSegDataset, build_eval_loader
@@ -27,12 +29,18 @@ def predict_dataset(
     device: torch.device,
     batch_size: int = 1,
     num_workers: int = 0,
+    indices: Sequence[int] | None = None,
     log_every: int = 50,
 ) -> list[dict]:
-    """COCO-format results (RLE masks) for every image of ``dataset``."""
+    """COCO-format results (RLE masks) for every image of ``dataset``, or for the images at
+    ``indices`` (a worker's share of a distributed evaluation)."""
     was_training = model.training
     model.eval()
-    loader = build_eval_loader(InstanceSegDataset(dataset, transform), batch_size=batch_size, num_workers=num_workers)
+    images: Dataset = InstanceSegDataset(dataset, transform)
+    if indices is not None:
+        images = Subset(images, list(indices))
+    total = len(images)
+    loader = build_eval_loader(images, batch_size=batch_size, num_workers=num_workers)
     results: list[dict] = []
     done, t0 = 0, time.perf_counter()
     for batch in loader:
@@ -41,7 +49,7 @@ def predict_dataset(
             results.extend(instances_to_coco_results(inst.to("cpu"), image_id, dataset.contiguous_to_cat_id))
         done += len(batch)
         if log_every and done % log_every < len(batch):
-            logger.info("inference %d/%d images (%.1f img/s)", done, len(dataset), done / (time.perf_counter() - t0))
+            logger.info("inference %d/%d images (%.1f img/s)", done, total, done / (time.perf_counter() - t0))
     model.train(was_training)
     return results
 

@@ -24,3 +24,15 @@ def reduce_mean(tensor: Tensor) -> Tensor:
     reduced = tensor.detach().clone()
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
     return reduced / dist.get_world_size()
+
+
+def global_mean(values: Tensor) -> Tensor:
+    """Mean of ``values`` over the elements of every worker: the local sum divided by the
+    element count averaged over workers (the world size cancels against DDP's gradient
+    averaging). Without a process group this is ``values.mean()`` (0 when empty).
+
+    Every worker must call it at the same point, even with no elements, because the count
+    is all-reduced.
+    """
+    count = reduce_mean(values.new_tensor(float(values.numel()))).clamp(min=1.0)
+    return values.sum() / count

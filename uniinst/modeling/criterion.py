@@ -16,7 +16,7 @@ from uniinst.assign.aux import aux_many_to_one
 from uniinst.assign.fcos import fcos_assign
 from uniinst.assign.oyor import OYORAssignment, OYORMatcher
 from uniinst.losses.dice import dice_loss
-from uniinst.losses.distributed import reduce_mean
+from uniinst.losses.distributed import global_mean, reduce_mean
 from uniinst.losses.focal import focal_loss_on_logits, focal_loss_on_probs
 from uniinst.modeling.dynamic_mask_head import DynamicMaskHead
 from uniinst.structures import Targets
@@ -46,8 +46,8 @@ def _positives_mask_loss(
     gt_masks: Tensor,
     max_instances: int,
 ) -> Tensor:
-    """Mean Dice loss of the given (image, location) instances against their GT masks,
-    sampling at most ``max_instances`` of them at random (as CondInst)."""
+    """Dice loss of each given (image, location) instance against its GT mask, for at most
+    ``max_instances`` of them sampled at random (as CondInst)."""
     if loc_idx.numel() > max_instances:
         keep = torch.randperm(loc_idx.numel(), device=loc_idx.device)[:max_instances]
         image_idx, loc_idx, gt_masks = image_idx[keep], loc_idx[keep], gt_masks[keep]
@@ -58,7 +58,7 @@ def _positives_mask_loss(
         out.levels[loc_idx],
         image_idx,
     )
-    return dice_loss(logits.float().sigmoid(), gt_masks).mean()
+    return dice_loss(logits.float().sigmoid(), gt_masks)
 
 
 def _touch(*tensors: Tensor | None) -> Tensor:
@@ -161,32 +161,28 @@ class UniInstCriterion(nn.Module):
         probs = out.cls_logits.float().sigmoid() * out.filters.float().sigmoid().unsqueeze(-1)
         loss_cls = focal_loss_on_probs(probs, cls_target, alpha=self.focal_alpha, gamma=self.focal_gamma) / norm_cls
 
+        # Mask and rank terms are means over the instances of the global batch (global_mean),
+        # so that splitting a batch over workers does not change the gradient.
         zero = _touch(out.controllers, mask_feats, out.iou_preds)
-        if num_matched > 0:
-            loss_mask = _positives_mask_loss(
-                mask_head,
-                mask_feats,
-                out,
-                torch.cat(m_img),
-                torch.cat(m_loc),
-                torch.cat(m_masks),
-                self.max_mask_instances,
-            )
-        else:
-            loss_mask = zero
+        dice = _positives_mask_loss(
+            mask_head,
+            mask_feats,
+            out,
+            torch.cat(m_img),
+            torch.cat(m_loc),
+            torch.cat(m_masks),
+            self.max_mask_instances,
+        ) if num_matched > 0 else zero.new_zeros(0)
+        loss_mask = global_mean(dice) + zero
 
-        losses = {"loss_cls": self.weights["cls"] * loss_cls, "loss_mask": self.weights["mask"] * (loss_mask + zero)}
+        losses = {"loss_cls": self.weights["cls"] * loss_cls, "loss_mask": self.weights["mask"] * loss_mask}
 
         if out.iou_preds is not None:
-            loss_rank = zero
-            if num_matched > 0:
-                pred = out.iou_preds[torch.cat(m_img), torch.cat(m_loc)].float()
-                loss_rank = loss_rank + (pred - torch.cat(m_iou)).abs().mean()
-            cand_loc = torch.cat(c_loc)
-            if cand_loc.numel() > 0:
-                pred = out.iou_preds[torch.cat(c_img), cand_loc].float()
-                loss_rank = loss_rank + (pred - torch.cat(c_iou)).abs().mean()
-            losses["loss_rank"] = self.weights["rank"] * loss_rank
+            pred = out.iou_preds[torch.cat(m_img), torch.cat(m_loc)].float()
+            loss_rank = global_mean((pred - torch.cat(m_iou)).abs())
+            pred = out.iou_preds[torch.cat(c_img), torch.cat(c_loc)].float()
+            loss_rank = loss_rank + global_mean((pred - torch.cat(c_iou)).abs())
+            losses["loss_rank"] = self.weights["rank"] * (loss_rank + zero)
 
         if self.use_aux:
             norm_aux = reduce_mean(torch.tensor(float(num_aux), device=device)).clamp(min=1.0)
@@ -263,15 +259,14 @@ class CondInstCriterion(nn.Module):
             / norm
         )
         zero = _touch(out.controllers, mask_feats)
-        loss_mask = zero
-        if num_pos > 0:
-            loss_mask = zero + _positives_mask_loss(
-                mask_head,
-                mask_feats,
-                out,
-                torch.cat(p_img),
-                torch.cat(p_loc),
-                torch.cat(p_masks),
-                self.max_mask_instances,
-            )
+        dice = _positives_mask_loss(
+            mask_head,
+            mask_feats,
+            out,
+            torch.cat(p_img),
+            torch.cat(p_loc),
+            torch.cat(p_masks),
+            self.max_mask_instances,
+        ) if num_pos > 0 else zero.new_zeros(0)
+        loss_mask = global_mean(dice) + zero
         return {"loss_cls": self.weights["cls"] * loss_cls, "loss_mask": self.weights["mask"] * loss_mask}

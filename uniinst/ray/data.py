@@ -75,7 +75,7 @@ ROW_SCHEMA = SHARD_SCHEMA.append(pa.field("shard", pa.int32()))
 # A row's status in the decoded stream.
 EMPTY = 0  # no non-crowd instance: skipped for training, still counted
 SAMPLE = 1  # decoded and transformed
-CONSUMED = 2  # already trained on before a resume: holds its place in the shuffle, not decoded
+SKIPPED = 2  # another rank's, or trained on before a resume: holds its place in the shuffle, not decoded
 
 STREAM_SCHEMA = pa.schema(
     [
@@ -395,7 +395,8 @@ class DecodeStep:
         epoch: the epoch, or None for Ray's execution count of the dataset (see
             :func:`_execution_index`).
         skip_empty: images without non-crowd instances become :data:`EMPTY` markers.
-        consumed: image ids to pass as :data:`CONSUMED` markers without decoding (resume).
+        only: decode only these image ids; the others pass as :data:`SKIPPED` markers (the
+            images of other ranks, and those trained on before a resume). None: all.
         mask_stride: the stride of the mask targets.
     """
 
@@ -408,7 +409,7 @@ class DecodeStep:
         seed: int = 0,
         epoch: int | None = None,
         skip_empty: bool = True,
-        consumed: Iterable[int] = (),
+        only: Iterable[int] | None = None,
         mask_stride: int = 4,
     ) -> None:
         self.transform = transform
@@ -417,7 +418,7 @@ class DecodeStep:
         self.seed = seed
         self.epoch = epoch
         self.skip_empty = skip_empty
-        self.consumed = frozenset(consumed)
+        self.only = None if only is None else frozenset(only)
         self.mask_stride = mask_stride
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -425,11 +426,11 @@ class DecodeStep:
         rows = []
         for row in batch.to_pylist():
             image_id = int(row["image_id"])
-            if image_id in self.consumed:
-                rows.append(_marker_row(image_id, CONSUMED))
-                continue
             if self.skip_empty and not any(not a["iscrowd"] for a in row["annotations"] or ()):
                 rows.append(_marker_row(image_id, EMPTY))
+                continue
+            if self.only is not None and image_id not in self.only:
+                rows.append(_marker_row(image_id, SKIPPED))
                 continue
             where = f"shard {self.shard_names[row['shard']]}"
             record = decode_row(row, self.cat_id_to_contiguous, where=where)
@@ -467,8 +468,8 @@ def shuffle_buffer(items: Iterable[T], size: int, rng: np.random.Generator) -> I
 
 
 @dataclass
-class _Consumed:
-    """Stands in the shuffle for an image trained on before the resume."""
+class _Skipped:
+    """Holds the place in the shuffle of an image this rank does not train on now."""
 
     image_id: int
 
@@ -497,6 +498,8 @@ def iter_train_batches(
     transform: Transform | None = None,
     seed: int = 0,
     start_iter: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
     shuffle_buffer_size: int = 64,
     shuffle_files: bool = True,
     endpoint_url: str | None = None,
@@ -509,7 +512,8 @@ def iter_train_batches(
     prefetch_blocks: int = 2,
     prefetch_batches: int = 2,
 ) -> Iterator[Batch]:
-    """Infinite stream of training batches, epoch after epoch (a batch may span two epochs).
+    """Infinite stream of training batches of ``batch_size`` images for rank ``rank`` of
+    ``world_size``, epoch after epoch (a batch may span two epochs).
 
     ``source`` is one of:
 
@@ -523,20 +527,26 @@ def iter_train_batches(
       pipeline holds the transform, so ``transform`` is not used.
 
     Images without instances are skipped (``skip_empty``); the rest pass a shuffle buffer of
-    ``shuffle_buffer_size`` seeded by ``(seed, epoch)``. An epoch that yields fewer rows than
-    the manifest lists (or ``expected_rows``) raises instead of ending early. Ray prefetches
+    ``shuffle_buffer_size`` seeded by ``(seed, epoch)``, giving the global stream. Rank ``r``
+    trains on the positions ``r, r + world_size, ...`` of that stream and decodes only those
+    images (the others pass the pipeline as markers): within an epoch no image reaches two
+    ranks, and the ranks' ``k``-th batches together are the ``k``-th batch of
+    ``batch_size * world_size`` of one process. An epoch that yields fewer rows than the
+    manifest lists (or ``expected_rows``) raises instead of ending early. Ray prefetches
     ``prefetch_blocks`` decoded blocks; a background thread collates ``prefetch_batches``
     batches ahead, so the training step does not wait for either.
 
     ``start_iter`` resumes exactly after that many batches: the continuing stream is the one
     an uninterrupted run would have produced from that point, same images, order and
-    augmentation. It needs a URI: the epoch's order is replayed from two small columns of the
-    shards, and the images already trained on are passed through the pipeline undecoded.
+    augmentation. Resuming and several ranks need a URI: the epoch's order is computed from
+    two small columns of the shards before any image is read.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if start_iter < 0:
         raise ValueError(f"start_iter must be >= 0, got {start_iter}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     if isinstance(source, str):
         manifest = manifest or read_manifest(source, endpoint_url=endpoint_url)
         name = redact_uri(source)
@@ -552,18 +562,27 @@ def iter_train_batches(
         expected_rows = manifest.num_images
     if transform is None and not isinstance(source, DataIterator):
         raise ValueError("a transform is needed to decode shard rows")
-    if start_iter and not isinstance(source, str):
-        raise ValueError("an exact resume (start_iter > 0) needs the shard dataset URI as the source")
+    planned = bool(start_iter) or world_size > 1
+    if planned and not isinstance(source, str):
+        raise ValueError("resuming (start_iter > 0) or streaming to several ranks needs the shard dataset URI as the source")
 
-    first_epoch, consumed = 0, 0
-    if start_iter:
+    # Positions in the global stream of kept images, counted from the first epoch.
+    index: list[list[tuple[int, bool]]] = []
+    per_epoch, first_position = 0, 0
+    if planned:
         index = _image_index(source, manifest, endpoint_url)
-        per_epoch = sum(keep for shard in index for _, keep in shard) if skip_empty else manifest.num_images
-        if per_epoch == 0:
-            raise ValueError(f"{name} holds no image with an instance to train on")
-        first_epoch, consumed = divmod(start_iter * batch_size, per_epoch)
+        per_epoch = sum(keep or not skip_empty for shard in index for _, keep in shard)
+        if per_epoch < world_size:
+            raise ValueError(f"{name} holds {per_epoch} images to train on, too few for {world_size} ranks")
+        first_position = rank + start_iter * batch_size * world_size
 
-    def epoch_rows(epoch: int, consumed_ids: frozenset[int]) -> Iterator[pa.Table]:
+    def epoch_order(epoch: int) -> list[int]:
+        """The image ids of the epoch's global stream, in order."""
+        order = shard_order(len(manifest.shards), shuffle=shuffle_files, seed=seed, epoch=epoch)
+        kept = [i for s in order for i, keep in index[s] if keep or not skip_empty]
+        return list(shuffle_buffer(kept, shuffle_buffer_size, _shuffle_rng(seed, epoch)))
+
+    def epoch_rows(epoch: int, only: frozenset[int] | None) -> Iterator[pa.Table]:
         if isinstance(source, DataIterator):
             return source.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch_blocks)
         if isinstance(source, str):
@@ -575,35 +594,40 @@ def iter_train_batches(
             ds, names = source, [f"#{i}" for i in range(len(manifest.shards))]
         step = DecodeStep(
             transform, manifest.cat_id_to_contiguous, names, seed=seed, epoch=epoch,
-            skip_empty=skip_empty, consumed=consumed_ids, mask_stride=mask_stride,
+            skip_empty=skip_empty, only=only, mask_stride=mask_stride,
         )
         decoded = decode_rows(ds, step, batch_size=decode_batch_size)
         return decoded.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch_blocks)
 
-    def consumed_ids(epoch: int) -> list[int]:
-        order = shard_order(len(manifest.shards), shuffle=shuffle_files, seed=seed, epoch=epoch)
-        kept = [i for s in order for i, keep in index[s] if keep or not skip_empty]
-        return list(itertools.islice(shuffle_buffer(kept, shuffle_buffer_size, _shuffle_rng(seed, epoch)), consumed))
+    def planned_epoch(epoch: int) -> tuple[list[int], list[bool]]:
+        """The epoch's global order and, per position, whether this rank trains on it."""
+        order = epoch_order(epoch)
+        base = epoch * per_epoch
+        mine = [(base + p) >= first_position and (base + p - rank) % world_size == 0 for p in range(per_epoch)]
+        return order, mine
 
     def stream() -> Iterator[Batch]:
         pending: list[StreamSample] = []
+        first_epoch = first_position // per_epoch if planned else 0
         for epoch in itertools.count(first_epoch):
-            skip = consumed_ids(epoch) if epoch == first_epoch and consumed else []
-            items = _epoch_items(epoch_rows(epoch, frozenset(skip)), epoch, expected_rows, name, mask_stride)
+            order, mine = planned_epoch(epoch) if planned else ([], [])
+            only = frozenset(i for i, m in zip(order, mine) if m) if planned else None
+            items = _epoch_items(epoch_rows(epoch, only), epoch, expected_rows, name, mask_stride)
             produced = 0
             for position, item in enumerate(shuffle_buffer(items, shuffle_buffer_size, _shuffle_rng(seed, epoch))):
-                if position < len(skip):
-                    if not isinstance(item, _Consumed) or item.image_id != skip[position]:
-                        raise RuntimeError(f"resuming {name} at epoch {epoch}: the replayed order does not match the data")
-                    continue
-                if isinstance(item, _Consumed):
-                    raise RuntimeError(f"resuming {name} at epoch {epoch}: image {item.image_id} was marked as consumed out of order")
+                if planned:
+                    if position >= len(order) or item.image_id != order[position]:
+                        raise RuntimeError(f"{name}, epoch {epoch}: the stream's order does not match the planned one")
+                    if not mine[position]:
+                        continue
+                if isinstance(item, _Skipped):
+                    raise RuntimeError(f"{name}, epoch {epoch}: image {item.image_id} was skipped out of order")
                 produced += 1
                 pending.append(item)
                 if len(pending) == batch_size:
                     yield collate_stream(pending, size_divisibility=size_divisibility, mask_stride=mask_stride)
                     pending = []
-            if produced == 0:
+            if produced == 0 and not planned:
                 raise ValueError(f"epoch {epoch} of {name} holds no image with an instance to train on")
 
     return _in_background(stream(), prefetch_batches)
@@ -659,7 +683,7 @@ def _shuffle_rng(seed: int, epoch: int) -> np.random.Generator:
 
 def _epoch_items(
     blocks: Iterator[pa.Table], epoch: int, expected_rows: int | None, name: str, mask_stride: int
-) -> Iterator[StreamSample | _Consumed]:
+) -> Iterator[StreamSample | _Skipped]:
     """The samples and consumed markers of one epoch, in stream order; raises at the end if
     the epoch held fewer (or more) rows than expected."""
     seen = 0
@@ -669,8 +693,8 @@ def _epoch_items(
                 seen += 1
                 if status == SAMPLE:
                     yield sample
-                elif status == CONSUMED:
-                    yield _Consumed(image_id)
+                elif status == SKIPPED:
+                    yield _Skipped(image_id)
     except ray.exceptions.RayError as exc:
         raise RuntimeError(f"streaming epoch {epoch} of {name} failed after {seen} images: {_root_cause(exc)}") from exc
     if expected_rows is not None and seen != expected_rows:

@@ -11,7 +11,7 @@ import contextlib
 import io
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -170,29 +170,58 @@ class ShardPredictor:
         self.category_ids = None if category_ids is None else set(category_ids)
         self.shard_names = list(shard_names)
         self.batch_size = batch_size
-        self.rng = np.random.default_rng(0)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        out = []
-        for begin in range(0, len(rows), self.batch_size):
-            chunk = rows[begin : begin + self.batch_size]
-            # Inference needs the pixels only: the ground truth comes from gt_from_shards.
-            records = [
-                decode_row({**row, "annotations": []}, {}, where=f"shard {self.shard_names[row['shard']]}")
-                for row in chunk
+        out = predict_rows(
+            self.model,
+            batch.to_pylist(),
+            device=self.device,
+            transform=self.transform,
+            label_to_cat=self.label_to_cat,
+            category_ids=self.category_ids,
+            shard_names=self.shard_names,
+            batch_size=self.batch_size,
+        )
+        return pa.Table.from_pylist(
+            [{"image_id": image_id, "results": json.dumps(results)} for image_id, results in out], schema=_RESULT_SCHEMA
+        )
+
+
+@torch.inference_mode()
+def predict_rows(
+    model: torch.nn.Module,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    device: torch.device,
+    transform: EvalTransform,
+    label_to_cat: Sequence[int],
+    category_ids: Collection[int] | None,
+    shard_names: Sequence[str],
+    batch_size: int = 1,
+) -> list[tuple[int, list[dict]]]:
+    """``(image_id, COCO results)`` of each raw shard row (:data:`ROW_SCHEMA`), predicted by
+    ``model`` in this process; results of categories outside ``category_ids`` are dropped."""
+    was_training = model.training
+    model.eval()
+    rng = np.random.default_rng(0)
+    out = []
+    for begin in range(0, len(rows), batch_size):
+        chunk = rows[begin : begin + batch_size]
+        # Inference needs the pixels only: the ground truth comes from gt_from_shards.
+        records = [
+            decode_row({**row, "annotations": []}, {}, where=f"shard {shard_names[row['shard']]}") for row in chunk
+        ]
+        batch_in = collate([transform(record, rng) for record in records])
+        outputs = model(batch_in.images.to(device), batch_in.image_sizes, orig_sizes=batch_in.orig_sizes)
+        for image_id, instances in zip(batch_in.image_ids, outputs):
+            results = [
+                r
+                for r in instances_to_coco_results(instances.to("cpu"), image_id, label_to_cat)
+                if r["category_id"] != -1 and (category_ids is None or r["category_id"] in category_ids)
             ]
-            batch_in = collate([self.transform(record, self.rng) for record in records])
-            with torch.inference_mode():
-                outputs = self.model(batch_in.images.to(self.device), batch_in.image_sizes, orig_sizes=batch_in.orig_sizes)
-            for image_id, instances in zip(batch_in.image_ids, outputs):
-                results = [
-                    r
-                    for r in instances_to_coco_results(instances.to("cpu"), image_id, self.label_to_cat)
-                    if r["category_id"] != -1 and (self.category_ids is None or r["category_id"] in self.category_ids)
-                ]
-                out.append({"image_id": image_id, "results": json.dumps(results)})
-        return pa.Table.from_pylist(out, schema=_RESULT_SCHEMA)
+            out.append((int(image_id), results))
+    model.train(was_training)
+    return out
 
 
 def _load_state(checkpoint: str | Path | Mapping[str, Any]) -> dict[str, Any]:
@@ -256,6 +285,40 @@ def predict_shards(
             results.extend(json.loads(text))
     if len(seen) != expected:
         raise RuntimeError(f"inference on {redact_uri(uri)} returned {len(seen)} of {expected} images")
+    return results
+
+
+def predict_shards_here(
+    model: torch.nn.Module,
+    uri: str,
+    image_ids: Sequence[int],
+    *,
+    device: torch.device,
+    transform: EvalTransform,
+    label_to_cat: Sequence[int],
+    manifest: Manifest,
+    category_ids: Collection[int] | None = None,
+    endpoint_url: str | None = None,
+    batch_size: int = 1,
+) -> list[dict]:
+    """COCO results of ``model`` on the images ``image_ids`` of the shard dataset at ``uri``,
+    run in this process (a training worker's share of a distributed evaluation): Ray reads
+    and checks the shards, this process decodes and predicts."""
+    if not image_ids:
+        return []
+    ds, _ = read_shards(uri, endpoint_url=endpoint_url, manifest=manifest, image_ids=image_ids)
+    names = [redact_uri(s) for s in shard_uris(uri, manifest)]
+    results: list[dict] = []
+    seen = 0
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for image_id, found in predict_rows(
+            model, block.to_pylist(), device=device, transform=transform, label_to_cat=label_to_cat,
+            category_ids=category_ids, shard_names=names, batch_size=batch_size,
+        ):
+            seen += 1
+            results.extend(found)
+    if seen != len(image_ids):
+        raise RuntimeError(f"inference on {redact_uri(uri)} returned {seen} of {len(image_ids)} images")
     return results
 
 

@@ -1,0 +1,153 @@
+"""Ray Train on a two-node cluster built on this machine: DDP equivalence, exact resume of a
+stopped run, and recovery from a killed worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from conftest import limit_ray_data, restore_local_ray, tiny_config  # noqa: E402
+from uniinst.engine.checkpoint import load_checkpoint, seed_everything  # noqa: E402
+from uniinst.engine.local import train_local  # noqa: E402
+from uniinst.modeling.uniinst import build_model  # noqa: E402
+from uniinst.ray.train import load_run_checkpoint, run_checkpoints, run_location, train_ray  # noqa: E402
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def two_nodes(aws_test_env):
+    """A head and one more node, two CPUs each: a worker asking for two CPUs gets a node of its own."""
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.shutdown()
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "object_store_memory": 200 * 1024**2, "include_dashboard": False},
+    )
+    cluster.add_node(num_cpus=2, object_store_memory=200 * 1024**2)
+    ray.init(address=cluster.address, log_to_driver=False)
+    limit_ray_data()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+    restore_local_ray()
+
+
+def _cfg(synth_data, out, *extra):
+    return tiny_config(
+        synth_data, out, "solver.max_iter=4", "solver.base_lr=0.08", "train.checkpoint_period=2",
+        "data.flip_prob=0.5", "ray.cpus_per_worker=2", "ray.max_failures=0", *extra,
+    )
+
+
+def _assert_same_weights(a: dict, b: dict, *, atol: float, rtol: float) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), atol=atol, rtol=rtol), name
+
+
+@pytest.fixture(scope="module")
+def ddp_run(two_nodes, synth_data, tmp_path_factory):
+    """2 workers x batch 1 for 4 steps, uninterrupted."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    cfg = _cfg(synth_data, out, "data.batch_size=1", "ray.num_workers=2")
+    result = train_ray(cfg)
+    return cfg, result
+
+
+def test_two_workers_take_the_steps_of_one_process_with_twice_the_batch(ddp_run, synth_data, tmp_path):
+    cfg, result = ddp_run
+    assert result.iteration == 4 and run_checkpoints(run_location(cfg)) == ["checkpoint_0000002", "checkpoint_0000004"]
+    assert len({n["NodeID"] for n in ray.nodes() if n["Alive"]}) == 2
+    ddp = load_run_checkpoint(result.checkpoint)
+
+    single = train_local(_cfg(synth_data, tmp_path / "single", "data.batch_size=2"))
+    one = load_checkpoint(single.checkpoint)
+    assert ddp["iteration"] == one["iteration"] == 4
+    assert ddp["optimizer"]["param_groups"][0]["lr"] == pytest.approx(one["optimizer"]["param_groups"][0]["lr"])
+
+    seed_everything(cfg.train.seed)
+    init = build_model(cfg.model).state_dict()
+    moved = max(float((one["model"][k].float() - init[k].float()).abs().max()) for k in init)
+    assert moved > 1e-3  # the steps changed the weights: the comparison below means something
+    _assert_same_weights(ddp["model"], one["model"], atol=2e-5, rtol=1e-4)
+
+
+def test_a_stopped_run_rerun_with_its_name_ends_as_an_uninterrupted_one(ddp_run, synth_data, tmp_path):
+    cfg, straight = ddp_run
+    out = tmp_path / "stopped"
+    first = train_ray(_cfg(synth_data, out, "data.batch_size=1", "ray.num_workers=2", "solver.max_iter=2"))
+    assert first.iteration == 2
+    again = train_ray(_cfg(synth_data, out, "data.batch_size=1", "ray.num_workers=2"))
+    assert again.iteration == 4
+
+    a, b = load_run_checkpoint(again.checkpoint), load_run_checkpoint(straight.checkpoint)
+    assert a["scheduler"] == b["scheduler"]
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    _assert_same_weights(a["model"], b["model"], atol=1e-6, rtol=1e-6)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["iteration"] for e in events if "event/resumed" in e] == [2]
+
+    with pytest.raises(FileExistsError, match="checkpoint_0000004"):
+        train_ray(_cfg(synth_data, out, "data.batch_size=1", "ray.num_workers=2"), resume=False)
+
+
+def _train_worker_pids() -> list[int]:
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if cmdline.startswith("ray::RayTrainWorker"):
+            pids.append(proc.info["pid"])
+    return pids
+
+
+def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_last_checkpoint(two_nodes, synth_data, tmp_path):
+    out = tmp_path / "killed"
+    period, max_iter = 2, 14
+    cfg = _cfg(
+        synth_data, out, "data.batch_size=1", "ray.num_workers=2", f"solver.max_iter={max_iter}",
+        f"train.checkpoint_period={period}", "ray.max_failures=2", "data.val.json=", "data.val.images=",
+    )
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = train_ray(cfg)
+        except BaseException as exc:  # reported by the assertion below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    location = run_location(cfg)
+    deadline = time.monotonic() + 300
+    while "checkpoint_0000004" not in run_checkpoints(location):
+        assert time.monotonic() < deadline and thread.is_alive(), outcome.get("error", "no checkpoint in time")
+        time.sleep(0.2)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    reached = max(row["iteration"] for row in logged)
+    assert reached < max_iter
+    pids = _train_worker_pids()
+    assert len(pids) == 2
+    os.kill(pids[-1], signal.SIGKILL)
+
+    thread.join(timeout=600)
+    assert not thread.is_alive()
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["result"].iteration == max_iter
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    resumed = [row["iteration"] for row in rows if "event/resumed" in row]
+    assert len(resumed) == 1 and reached - period <= resumed[0] < max_iter
+    # Training went on to the end after the restart.
+    assert max(row["iteration"] for row in rows if "train/loss" in row) == max_iter

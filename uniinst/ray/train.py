@@ -1,0 +1,522 @@
+"""Distributed training with Ray Train (V2): a ``TorchTrainer`` whose workers each run the
+library's :class:`~uniinst.engine.trainer.Trainer`, wrapped in DistributedDataParallel (gloo
+on CPUs, NCCL on GPUs).
+
+A run lives in one folder, ``<ray.storage_path>/<ray.name>`` (a local path or ``s3://`` /
+``gs://``)::
+
+    checkpoint_0000300/      state.pt (model, optimizer, LR schedule, scaler, iteration) and
+                             rng_rank<r>.pt, every train.checkpoint_period iterations
+    config.yaml              the resolved config
+    metrics.jsonl            train/* every log period, val/* every evaluation, event/* restarts
+    tensorboard/             the same as TensorBoard events
+    eval/iter_0000300/       metrics.json, metrics.md, results.json
+    model_best.pt            the weights with the best val mask AP so far
+    summary.json             written by the driver when the run ends
+    data/                    the synthetic dataset's shards, when the config asks for it
+
+Rerunning the same ``(storage_path, name)`` resumes: Ray Train hands the workers its newest
+registered checkpoint (registered only once fully uploaded, so a run killed while saving
+resumes from the one before), and the workers load model, optimizer, schedule, scaler,
+iteration and RNG state from it and continue the data stream at the same position. A worker
+that dies makes Ray restart the group the same way, up to ``ray.max_failures`` times.
+
+Data: every worker streams its own part of the one global image stream (see
+:func:`uniinst.ray.data.iter_train_batches` and
+:class:`~uniinst.data.dataset.TrainingSampler`): within an epoch no image reaches two workers,
+and ``N`` workers with batch ``b`` see the same global batches as one process with batch
+``N * b``; with the normalisers all-reduced and the LR scaled by the global batch, they take
+the same steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from uniinst.config import ExperimentConfig, config_from_dict, dump_config, to_dict
+from uniinst.data.coco import CocoDataset
+from uniinst.data.dataset import InstanceSegDataset, build_train_loader
+from uniinst.data.prepare import prepare_dataset, read_image_ids, redact_uri
+from uniinst.data.shards import Manifest, read_manifest
+from uniinst.data.storage import arrow_filesystem_for, download_file, filesystem_for, join, upload_file
+from uniinst.data.synthetic import generate_synthetic_coco
+from uniinst.data.transforms import TrainTransform
+from uniinst.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from uniinst.engine.local import eval_transform, load_datasets
+from uniinst.engine.metrics import MetricsWriter
+from uniinst.engine.trainer import Trainer, format_progress
+from uniinst.evaluation.coco_eval import evaluate_segm, format_table, write_report
+from uniinst.evaluation.coco_results import save_results
+from uniinst.evaluation.inference import predict_dataset
+from uniinst.modeling.uniinst import build_model
+from uniinst.ray.data import iter_train_batches
+from uniinst.ray.evaluate import coco_from_dict, gt_from_shards, label_to_category, predict_shards_here, resolve_categories
+from uniinst.ray.prepare import connect, ray_executor
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+_CHECKPOINT_DIR = re.compile(r"checkpoint_\d{7}")
+
+
+def checkpoint_dir_name(iteration: int) -> str:
+    return f"checkpoint_{iteration:07d}"
+
+
+# --------------------------------------------------------------------------- where a run lives
+
+
+@dataclass
+class RunLocation:
+    """A run's folder (``uri``) and how Ray Train is told about it."""
+
+    uri: str
+    name: str
+    storage_path: str
+    storage_filesystem: Any
+    endpoint_url: str | None
+
+
+def run_location(cfg: ExperimentConfig) -> RunLocation:
+    """``ray.storage_path/ray.name`` (the name defaulting to the config's), or the folder
+    ``train.output_dir`` when no storage path is set."""
+    r = cfg.ray
+    if r.storage_path:
+        base, name = r.storage_path, r.name or cfg.name
+        if "://" not in base:
+            base = os.path.abspath(os.path.expanduser(base))
+    else:
+        out = os.path.abspath(os.path.expanduser(cfg.train.output_dir))
+        base, name = os.path.dirname(out), r.name or os.path.basename(out)
+    if not name or "/" in name:
+        raise ValueError(f"the run name must be a non-empty folder name, got {name!r} (set ray.name)")
+    endpoint_url = cfg.data.endpoint_url or None
+    fs, storage = arrow_filesystem_for(base, endpoint_url=endpoint_url)
+    return RunLocation(join(base, name), name, storage, fs, endpoint_url)
+
+
+def run_checkpoints(run: RunLocation) -> list[str]:
+    """The checkpoint folders of the run, oldest first."""
+    fs, path = filesystem_for(run.uri, endpoint_url=run.endpoint_url)
+    found = fs.glob(f"{path}/checkpoint_*") if fs.exists(path) else []
+    return sorted(name for p in found if _CHECKPOINT_DIR.fullmatch(name := os.path.basename(p.rstrip("/"))))
+
+
+def scaling_config(cfg: ExperimentConfig) -> ScalingConfig:
+    r = cfg.ray
+    elastic = 0 < r.min_workers < r.num_workers
+    resources: dict[str, float] = {"CPU": r.cpus_per_worker}
+    if r.use_gpu:
+        resources["GPU"] = r.gpus_per_worker
+    return ScalingConfig(
+        num_workers=(r.min_workers, r.num_workers) if elastic else r.num_workers,
+        use_gpu=r.use_gpu,
+        resources_per_worker=resources,
+        accelerator_type=r.accelerator_type or None,
+    )
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+@dataclass
+class RayTrainResult:
+    run_uri: str
+    iteration: int
+    checkpoint: str | None
+    best_checkpoint: str | None
+    metrics: dict[str, float] | None
+
+
+def prepare_run_data(cfg: ExperimentConfig, run: RunLocation) -> list[str]:
+    """Check the datasets and return the class names. With ``data.synthetic`` the synthetic
+    set is generated here and converted to shards in ``<run>/data`` (reused when there), so
+    that workers on any node can read it; ``cfg`` is pointed at them."""
+    d = cfg.data
+    if d.synthetic:
+        uris = {split: join(run.uri, "data", split) for split in ("train", "val")}
+        fs, _ = filesystem_for(run.uri, endpoint_url=run.endpoint_url)
+        missing = [s for s, uri in uris.items() if not fs.exists(filesystem_for(join(uri, "manifest.json"))[1])]
+        if missing:
+            with tempfile.TemporaryDirectory(prefix="uniinst-synthetic-") as tmp:
+                logger.info("generating the synthetic dataset and its shards in %s", redact_uri(join(run.uri, "data")))
+                paths = generate_synthetic_coco(
+                    tmp,
+                    splits={"train": d.synthetic_train_images, "val": d.synthetic_val_images},
+                    image_size=d.synthetic_image_size,
+                    num_classes=cfg.model.num_classes,
+                    seed=cfg.train.seed,
+                )
+                for split in missing:
+                    prepare_dataset(
+                        str(paths[split]), str(Path(tmp) / split), uris[split], images_per_shard=16,
+                        endpoint_url=run.endpoint_url, executor=ray_executor(), progress=False,
+                    )
+        d.synthetic = False
+        for split, dataset in (("train", d.train), ("val", d.val)):
+            dataset.json, dataset.images, dataset.shards = "", "", uris[split]
+    train, _ = load_datasets(cfg)
+    return list(train.class_names)
+
+
+def train_ray(cfg: ExperimentConfig, *, resume: bool = True) -> RayTrainResult:
+    """Train ``cfg`` on the Ray cluster (joined, or started locally) with ``ray.num_workers``
+    workers; resume the run at ``(ray.storage_path, ray.name)`` if it exists (unless
+    ``resume`` is False, which refuses an existing run)."""
+    connect()
+    run = run_location(cfg)
+    existing = run_checkpoints(run)
+    if existing and not resume:
+        raise FileExistsError(f"run {redact_uri(run.uri)} already holds {existing[-1]}: pick another name or resume")
+    class_names = prepare_run_data(cfg, run)
+    with tempfile.TemporaryDirectory() as tmp:
+        upload_file(dump_config(cfg, Path(tmp) / "config.yaml"), join(run.uri, "config.yaml"), endpoint_url=run.endpoint_url)
+    logger.info(
+        "training %s with %s worker(s) x batch %d in %s%s",
+        cfg.name, cfg.ray.num_workers, cfg.data.batch_size, redact_uri(run.uri),
+        f" (resuming from {existing[-1]})" if existing else "",
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg), "run_uri": run.uri, "class_names": class_names},
+        scaling_config=scaling_config(cfg),
+        run_config=RunConfig(
+            name=run.name,
+            storage_path=run.storage_path,
+            storage_filesystem=run.storage_filesystem,
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
+        ),
+    )
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    val = {k.removeprefix("val/"): float(v) for k, v in metrics.items() if k.startswith("val/")} or None
+    fs, best_path = filesystem_for(join(run.uri, "model_best.pt"), endpoint_url=run.endpoint_url)
+    out = RayTrainResult(
+        run_uri=run.uri,
+        iteration=int(metrics.get("iteration", 0)),
+        checkpoint=join(run.uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None,
+        best_checkpoint=join(run.uri, "model_best.pt") if fs.exists(best_path) else None,
+        metrics=val,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = Path(tmp) / "summary.json"
+        summary.write_text(json.dumps({**out.__dict__, "workers": cfg.ray.num_workers}, indent=2))
+        upload_file(summary, join(run.uri, "summary.json"), endpoint_url=run.endpoint_url)
+    return out
+
+
+def load_run_checkpoint(uri: str, *, endpoint_url: str | None = None, map_location: str | torch.device = "cpu") -> dict:
+    """The training state in a run's checkpoint folder (or its ``model_best.pt``) at ``uri``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "state.pt"
+        source = uri if uri.endswith(".pt") else join(uri, STATE_FILE)
+        if not download_file(source, local, endpoint_url=endpoint_url):
+            raise FileNotFoundError(f"no checkpoint at {redact_uri(source)}")
+        return load_checkpoint(local, map_location=map_location)
+
+
+# --------------------------------------------------------------------------- in each worker
+
+
+class _RunFiles:
+    """Rank 0's metrics, reports and best weights: written in a local staging folder and
+    copied into the run folder after each report (TensorBoard cannot write to every store)."""
+
+    def __init__(self, run_uri: str, endpoint_url: str | None) -> None:
+        self.run_uri = run_uri
+        self.endpoint_url = endpoint_url
+        self.staging = Path(tempfile.mkdtemp(prefix="uniinst-run-"))
+        # A resumed run appends to its metrics instead of starting them again.
+        download_file(join(run_uri, "metrics.jsonl"), self.staging / "metrics.jsonl", endpoint_url=endpoint_url)
+        self.writer = MetricsWriter(self.staging)
+        self._synced: dict[Path, tuple[int, int]] = {}
+        self._closed = False
+
+    def sync(self) -> None:
+        if not self._closed:
+            self.writer.flush()
+        for path in sorted(p for p in self.staging.rglob("*") if p.is_file()):
+            stat = path.stat()
+            key = (stat.st_size, stat.st_mtime_ns)
+            if self._synced.get(path) == key:
+                continue
+            rel = path.relative_to(self.staging).as_posix()
+            upload_file(path, join(self.run_uri, rel), endpoint_url=self.endpoint_url)
+            self._synced[path] = key
+
+    def close(self) -> None:
+        self.writer.close()
+        self._closed = True
+        self.sync()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+class _Evaluator:
+    """Mask AP on ``data.val`` during training: every worker predicts its share of the
+    images on its own device, rank 0 gathers the results and scores them."""
+
+    def __init__(self, cfg: ExperimentConfig, class_names: list[str], rank: int, world: int) -> None:
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.transform = eval_transform(cfg)
+        val, endpoint_url = cfg.data.val, cfg.data.endpoint_url or None
+        self.endpoint_url = endpoint_url
+        self.dataset: CocoDataset | None = None
+        self.manifest: Manifest | None = None
+        if val.shards:
+            self.manifest = read_manifest(val.shards, endpoint_url=endpoint_url)
+            subset = read_image_ids(val.image_ids, endpoint_url=endpoint_url) if val.image_ids else None
+            # Rank 0 keeps the ground truth; every rank needs only the ids.
+            self.gt = gt_from_shards(val.shards, endpoint_url=endpoint_url, manifest=self.manifest, image_ids=subset)
+            self.image_ids = [im["id"] for im in self.gt["images"]]
+            self.category_ids = resolve_categories(self.manifest, val.category_ids) if val.category_ids else None
+            self.label_to_cat = label_to_category(
+                self.manifest, num_classes=cfg.model.num_classes, class_names=class_names
+            )
+        else:
+            self.dataset = CocoDataset(val.json, val.images, on_error=cfg.data.on_error)
+            self.image_ids = list(self.dataset.image_ids)
+
+    def __call__(self, model: torch.nn.Module, device: torch.device, out_dir: Path, extra: dict) -> dict[str, float] | None:
+        mine = list(range(self.rank, len(self.image_ids), self.world))
+        if self.manifest is not None:
+            results = predict_shards_here(
+                model, self.cfg.data.val.shards, [self.image_ids[i] for i in mine], device=device,
+                transform=self.transform, label_to_cat=self.label_to_cat, manifest=self.manifest,
+                category_ids=self.category_ids, endpoint_url=self.endpoint_url,
+            )
+        else:
+            results = predict_dataset(model, self.dataset, transform=self.transform, device=device, indices=mine)
+        if self.world > 1:
+            gathered: list[Any] = [None] * self.world
+            dist.all_gather_object(gathered, results)
+            results = [r for part in gathered for r in part]
+        if self.rank != 0:
+            return None
+        save_results(results, out_dir / "results.json")
+        if self.manifest is not None:
+            gt = coco_from_dict(self.gt)
+            details = {"shards": redact_uri(self.cfg.data.val.shards), "images": len(self.image_ids)}
+        else:
+            gt = self.dataset.gt_json_path
+            details = {"json": self.cfg.data.val.json, "images": len(self.image_ids)}
+        metrics = evaluate_segm(gt, results, image_ids=self.image_ids, category_ids=getattr(self, "category_ids", None))
+        write_report(metrics, out_dir, extra={**details, **extra})
+        return metrics
+
+
+def _train_batches(cfg: ExperimentConfig, *, rank: int, world: int, start_iter: int) -> Iterator:
+    d = cfg.data
+    transform = TrainTransform(short_edge=tuple(d.min_size_train), max_size=d.max_size_train, flip_prob=d.flip_prob)
+    if d.train.shards:
+        return iter_train_batches(
+            d.train.shards, batch_size=d.batch_size, transform=transform, seed=cfg.train.seed,
+            start_iter=start_iter, rank=rank, world_size=world, shuffle_buffer_size=d.shuffle_buffer,
+            endpoint_url=d.endpoint_url or None,
+        )
+    dataset = CocoDataset(d.train.json, d.train.images, on_error=d.on_error)
+    return build_train_loader(
+        InstanceSegDataset(dataset, transform, seed=cfg.train.seed, skip_empty=True),
+        batch_size=d.batch_size, seed=cfg.train.seed, num_workers=d.num_workers,
+        rank=rank, world_size=world, start_iter=start_iter,
+    )
+
+
+def _restore(trainer: Trainer, checkpoint: Checkpoint, rank: int, device: torch.device) -> None:
+    with checkpoint.as_directory() as folder:
+        trainer.load_state_dict(load_checkpoint(Path(folder) / STATE_FILE, map_location=device))
+        own = Path(folder) / f"rng_rank{rank}.pt"
+        if own.is_file():
+            set_rng_state(torch.load(own, weights_only=True))
+        else:
+            # The group grew: a worker without a saved state draws a fresh, distinct one.
+            seed_everything(trainer.cfg.train.seed + rank + 7919 * trainer.iteration)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The body of every Ray Train worker: the library's training loop, unchanged, with
+    checkpoints, metrics and evaluations reported to Ray."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = config_from_dict(config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    seed_everything(cfg.train.seed + rank)
+
+    model = build_model(cfg.model).to(device)
+    forward_model: torch.nn.Module = model
+    if world > 1:
+        forward_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    trainer = Trainer(
+        model, cfg, device=device, world_size=world, forward_model=forward_model,
+        meta={"class_names": config["class_names"]},
+    )
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        _restore(trainer, checkpoint, rank, device)
+    files = _RunFiles(config["run_uri"], cfg.data.endpoint_url or None) if rank == 0 else None
+    if files is not None:
+        if checkpoint is not None:
+            files.writer.write(trainer.iteration, {"resumed": 1.0, "workers": float(world)}, prefix="event/")
+            logger.info("resumed at iteration %d with %d worker(s)", trainer.iteration, world)
+        logger.info(
+            "training %s on %d worker(s) (%s): global batch %d, lr %.4g, %d iterations",
+            cfg.name, world, device.type, trainer.global_batch, trainer.base_lr, cfg.solver.max_iter,
+        )
+    evaluator = _Evaluator(cfg, config["class_names"], rank, world) if (cfg.data.val.json or cfg.data.val.shards) else None
+    batches = _train_batches(cfg, rank=rank, world=world, start_iter=trainer.iteration)
+
+    pending: dict[str, float] = {}
+    saved: list[Path] = []
+    best_ap = -1.0
+
+    def on_log(it: int, m: dict[str, float]) -> None:
+        step = m["data_time"] + m["step_time"]
+        m = {**m, "images_per_sec": m["images_per_sec"] * world, "data_wait_fraction": m["data_time"] / max(step, 1e-9)}
+        pending.update({f"train/{k}": v for k, v in m.items()})
+        if files is not None:
+            files.writer.write(it, m, prefix="train/")
+            logger.info(format_progress(it, cfg.solver.max_iter, m))
+
+    def on_checkpoint(it: int) -> None:
+        folder = Path(tempfile.mkdtemp(prefix="uniinst-ckpt-"))
+        if rank == 0:
+            save_checkpoint(trainer.state_dict(), folder / STATE_FILE)
+        torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
+        saved.append(folder)
+
+    def on_eval(it: int) -> None:
+        nonlocal best_ap
+        if evaluator is None:
+            return
+        out_dir = files.staging / "eval" / f"iter_{it:07d}" if files is not None else Path(tempfile.gettempdir())
+        metrics = evaluator(model, device, out_dir, {"iteration": it})
+        if metrics is None:
+            return
+        pending.update({f"val/{k}": v for k, v in metrics.items()})
+        files.writer.write(it, metrics, prefix="val/")
+        logger.info("evaluation at iteration %d:\n%s", it, format_table(metrics))
+        if metrics["AP"] > best_ap:
+            best_ap = metrics["AP"]
+            state = {k: v for k, v in trainer.state_dict().items() if k in ("model", "iteration", "config", "meta")}
+            save_checkpoint({**state, "metrics": metrics}, files.staging / "model_best.pt")
+
+    def on_iteration_end(it: int) -> None:
+        if not pending and not saved:
+            return
+        # Every worker reaches this at the same iterations: report() is a barrier.
+        checkpoint = Checkpoint.from_directory(str(saved[-1])) if saved else None
+        ray.train.report(
+            {"iteration": it, **pending},
+            checkpoint=checkpoint,
+            checkpoint_dir_name=checkpoint_dir_name(it) if checkpoint else None,
+        )
+        for folder in saved:
+            shutil.rmtree(folder, ignore_errors=True)
+        saved.clear()
+        pending.clear()
+        if files is not None:
+            files.sync()
+
+    try:
+        if trainer.iteration < cfg.solver.max_iter:
+            trainer.run(
+                batches,
+                max_iter=cfg.solver.max_iter,
+                log_period=cfg.train.log_period,
+                checkpoint_period=cfg.train.checkpoint_period,
+                eval_period=cfg.train.eval_period,
+                on_log=on_log,
+                on_checkpoint=on_checkpoint,
+                on_eval=on_eval,
+                on_iteration_end=on_iteration_end,
+            )
+        else:
+            ray.train.report({"iteration": trainer.iteration})
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+        if files is not None:
+            files.close()
+
+
+# --------------------------------------------------------------------------- after the run
+
+
+def format_summary(result: RayTrainResult) -> str:
+    """Where a finished run put everything, and its last val mask AP."""
+    run = result.run_uri
+    lines = [f"run {redact_uri(run)}: trained to iteration {result.iteration}"]
+    if result.metrics:
+        lines += [format_table(result.metrics), f"val mask AP {result.metrics['AP']:.4f}"]
+    lines += [
+        f"  checkpoint:   {redact_uri(result.checkpoint) if result.checkpoint else '(none)'}",
+        f"  best model:   {redact_uri(result.best_checkpoint) if result.best_checkpoint else '(no evaluation)'}",
+        f"  evaluation:   {redact_uri(join(run, 'eval'))}",
+        f"  metrics log:  {redact_uri(join(run, 'metrics.jsonl'))} (TensorBoard: {redact_uri(join(run, 'tensorboard'))})",
+        f"  summary:      {redact_uri(join(run, 'summary.json'))}",
+    ]
+    return "\n".join(lines)
+
+
+def draw_shard_predictions(
+    checkpoint: str,
+    shards: str,
+    out_dir: str | Path,
+    *,
+    num_images: int = 8,
+    endpoint_url: str | None = None,
+    device: str = "cpu",
+) -> int:
+    """PNGs of the predictions of ``checkpoint`` (a ``.pt`` file or a run's checkpoint folder)
+    on the first ``num_images`` images of the shard dataset ``shards``; returns how many."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from uniinst.data.collate import collate
+    from uniinst.data.shards import decode_row, shard_uris
+    from uniinst.visualize import save_visualization
+
+    state = load_run_checkpoint(checkpoint, endpoint_url=endpoint_url, map_location=device)
+    cfg = config_from_dict(state["config"])
+    model = build_model(cfg.model).to(device).eval()
+    model.load_state_dict(state["model"])
+    class_names = state.get("meta", {}).get("class_names") or [str(i) for i in range(cfg.model.num_classes)]
+    manifest = read_manifest(shards, endpoint_url=endpoint_url)
+    transform = eval_transform(cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    drawn = 0
+    for uri in shard_uris(shards, manifest):
+        fs, path = filesystem_for(uri, endpoint_url=endpoint_url)
+        table = pq.ParquetFile(pa.BufferReader(fs.cat_file(path))).read()
+        for row in table.to_pylist():
+            if drawn >= num_images:
+                return drawn
+            record = decode_row(row, manifest.cat_id_to_contiguous, where=f"shard {redact_uri(uri)}")
+            batch = collate([transform(record, rng)])
+            with torch.inference_mode():
+                (instances,) = model(batch.images.to(device), batch.image_sizes, orig_sizes=batch.orig_sizes)
+            save_visualization(record.image, instances.to("cpu"), class_names, out_dir / f"{record.image_id}.png")
+            drawn += 1
+    return drawn
