@@ -369,6 +369,13 @@ def test_training_sampler_ranks_partition_each_epoch(size):
     assert epochs[0] != epochs[1]  # reshuffled every epoch
 
 
+def test_training_sampler_continues_the_global_stream_after_a_resize():
+    # Two ranks trained 3 batches of 2 (12 images); three ranks take over from image 12.
+    full = list(itertools.islice(TrainingSampler(10, seed=1), 40))
+    streams = [iter(TrainingSampler(10, seed=1, rank=r, world_size=3, start_position=12)) for r in range(3)]
+    assert [next(streams[g % 3]) for g in range(24)] == full[12:36]
+
+
 def test_training_sampler_is_deterministic_and_resumable():
     def take(n, **kwargs):
         return list(itertools.islice(TrainingSampler(13, **kwargs), n))

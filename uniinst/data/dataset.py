@@ -60,17 +60,21 @@ class TrainingSampler(Sampler[int]):
     its positions ``r, r + world_size, ...``: within an epoch no index reaches two ranks, and
     the ranks' ``k``-th batches of ``b`` together hold exactly the ``k``-th batch of
     ``b * world_size`` that one process would draw. ``start`` skips that many indices of this
-    rank's stream, for an exact resume.
+    rank's stream, for an exact resume; ``start_position`` skips that many positions of the
+    global stream first (the images a run trained on before its worker group changed size).
     """
 
-    def __init__(self, size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
+    def __init__(
+        self, size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0, start_position: int = 0
+    ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if size < world_size:
             raise ValueError(f"dataset of {size} images cannot feed {world_size} ranks")
-        if start < 0:
-            raise ValueError(f"start must be >= 0, got {start}")
+        if start < 0 or start_position < 0:
+            raise ValueError(f"start and start_position must be >= 0, got {start} and {start_position}")
         self.size = size
+        self.start_position = start_position
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
@@ -82,7 +86,7 @@ class TrainingSampler(Sampler[int]):
 
     def iter_with_epoch(self) -> Iterator[tuple[int, int]]:
         """The same stream as ``iter(self)``, each index paired with its epoch."""
-        position = self.rank + self.start * self.world_size
+        position = self.start_position + self.rank + self.start * self.world_size
         epoch, permutation = -1, np.empty(0, dtype=np.int64)
         while True:
             e, offset = divmod(position, self.size)
@@ -111,11 +115,17 @@ def build_train_loader(
     rank: int = 0,
     world_size: int = 1,
     start_iter: int = 0,
+    start_position: int = 0,
 ) -> Iterator[Batch]:
-    """Infinite iterator of training batches of this rank; ``start_iter`` resumes after that many batches."""
+    """Infinite iterator of training batches of this rank; ``start_iter`` resumes after that
+    many batches, ``start_position`` after that many images of the global stream (see
+    :class:`TrainingSampler`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    sampler = TrainingSampler(len(dataset), seed=seed, rank=rank, world_size=world_size, start=start_iter * batch_size)
+    sampler = TrainingSampler(
+        len(dataset), seed=seed, rank=rank, world_size=world_size, start=start_iter * batch_size,
+        start_position=start_position,
+    )
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -88,19 +88,14 @@ def download_file(uri: str, local: str | os.PathLike, *, endpoint_url: str | Non
 def arrow_filesystem_for(uri: str, *, endpoint_url: str | None = None) -> tuple[Any, str]:
     """A ``pyarrow.fs`` filesystem and path for ``uri`` when an S3 endpoint must be named (for
     libraries that take one, such as Ray Train's ``storage_filesystem``), else ``(None, uri)``.
-    Credentials are left to the AWS chain of each process that uses it."""
+
+    It is the same s3fs client as everywhere else here, behind pyarrow's fsspec handler;
+    credentials are left to the AWS chain of each process that unpickles it."""
     protocol, path = split_uri(uri)
     endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
     if protocol not in ("s3", "s3a") or not endpoint_url:
         return None, (path if protocol == "file" else uri)
-    from urllib.parse import urlparse
-
     import pyarrow.fs
 
-    parsed = urlparse(endpoint_url)
-    fs = pyarrow.fs.S3FileSystem(
-        endpoint_override=parsed.netloc or parsed.path,
-        scheme=parsed.scheme or "https",
-        region=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
-    )
-    return fs, path
+    fs, path = filesystem_for(uri, endpoint_url=endpoint_url)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path

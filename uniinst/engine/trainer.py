@@ -127,6 +127,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "iteration": self.iteration,
+            "global_batch": self.global_batch,
             "rng": rng_state(),
             "config": to_dict(self.cfg),
             "meta": self.meta,
@@ -139,6 +140,14 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
+        # The LR follows this run's global batch (the linear scaling rule), also when the
+        # checkpoint was written by a worker group of another size.
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        self.scheduler.base_lrs = [self.base_lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.base_lr
+            group["lr"] = self.base_lr * factor
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         if "rng" in state:
             set_rng_state(state["rng"])
 

@@ -498,6 +498,7 @@ def iter_train_batches(
     transform: Transform | None = None,
     seed: int = 0,
     start_iter: int = 0,
+    start_position: int = 0,
     rank: int = 0,
     world_size: int = 1,
     shuffle_buffer_size: int = 64,
@@ -538,13 +539,14 @@ def iter_train_batches(
 
     ``start_iter`` resumes exactly after that many batches: the continuing stream is the one
     an uninterrupted run would have produced from that point, same images, order and
-    augmentation. Resuming and several ranks need a URI: the epoch's order is computed from
-    two small columns of the shards before any image is read.
+    augmentation. ``start_position`` first skips that many images of the global stream (those
+    trained on before the worker group changed size). Resuming and several ranks need a URI:
+    the epoch's order is computed from two small columns of the shards before any image is read.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if start_iter < 0:
-        raise ValueError(f"start_iter must be >= 0, got {start_iter}")
+    if start_iter < 0 or start_position < 0:
+        raise ValueError(f"start_iter and start_position must be >= 0, got {start_iter} and {start_position}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     if isinstance(source, str):
@@ -562,7 +564,7 @@ def iter_train_batches(
         expected_rows = manifest.num_images
     if transform is None and not isinstance(source, DataIterator):
         raise ValueError("a transform is needed to decode shard rows")
-    planned = bool(start_iter) or world_size > 1
+    planned = bool(start_iter) or bool(start_position) or world_size > 1
     if planned and not isinstance(source, str):
         raise ValueError("resuming (start_iter > 0) or streaming to several ranks needs the shard dataset URI as the source")
 
@@ -574,7 +576,7 @@ def iter_train_batches(
         per_epoch = sum(keep or not skip_empty for shard in index for _, keep in shard)
         if per_epoch < world_size:
             raise ValueError(f"{name} holds {per_epoch} images to train on, too few for {world_size} ranks")
-        first_position = rank + start_iter * batch_size * world_size
+        first_position = start_position + rank + start_iter * batch_size * world_size
 
     def epoch_order(epoch: int) -> list[int]:
         """The image ids of the epoch's global stream, in order."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import ray
@@ -13,15 +16,40 @@ logger = logging.getLogger(__name__)
 
 
 def connect(address: str = "auto") -> None:
-    """Join the Ray cluster at ``address`` (``"auto"``: the one running on this machine or
-    named by ``RAY_ADDRESS``), or start a local Ray when there is none."""
+    """Join the Ray cluster at ``address``, or start a local Ray when there is none.
+
+    ``"auto"`` means ``RAY_ADDRESS`` if set (a ``ray job submit`` job has it), else the
+    cluster that ``ray start`` runs on this machine. A cluster that no longer answers (the
+    address file left behind by a stopped one) is ignored rather than waited on, and so are
+    Ray instances that other programs started with ``ray.init()``.
+    """
     if ray.is_initialized():
         return
+    if address == "auto" and not os.environ.get("RAY_ADDRESS"):
+        found = _local_cluster_address()
+        if found is None:
+            logger.info("no Ray cluster is running here: starting a local one")
+            ray.init(address="local")
+            return
+        address = found
+    ray.init(address=address)
+
+
+def _local_cluster_address() -> str | None:
+    """The address of the live cluster ``ray start`` left in Ray's temp folder, if any."""
+    # Where Ray keeps it: RAY_TMPDIR, else TMPDIR, else /tmp (Ray's own lookup order on Linux).
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    path = Path(base) / "ray" / "ray_current_cluster"
     try:
-        ray.init(address=address)
-    except ConnectionError as err:
-        logger.info("no Ray cluster at %r (%s): starting a local one", address, err)
-        ray.init()
+        found = path.read_text().strip()
+        host, port = found.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=2):
+            return found
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        logger.warning("ignoring %s: no Ray cluster answers at the address it names", path)
+        return None
 
 
 def ray_executor(*, max_in_flight: int | None = None, max_retries: int = 3, num_cpus: float = 1) -> Executor:

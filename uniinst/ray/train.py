@@ -321,32 +321,36 @@ class _Evaluator:
         return metrics
 
 
-def _train_batches(cfg: ExperimentConfig, *, rank: int, world: int, start_iter: int) -> Iterator:
+def _train_batches(cfg: ExperimentConfig, *, rank: int, world: int, start_position: int) -> Iterator:
+    """This rank's share of the global stream, from image ``start_position`` of it on."""
     d = cfg.data
     transform = TrainTransform(short_edge=tuple(d.min_size_train), max_size=d.max_size_train, flip_prob=d.flip_prob)
     if d.train.shards:
         return iter_train_batches(
             d.train.shards, batch_size=d.batch_size, transform=transform, seed=cfg.train.seed,
-            start_iter=start_iter, rank=rank, world_size=world, shuffle_buffer_size=d.shuffle_buffer,
+            start_position=start_position, rank=rank, world_size=world, shuffle_buffer_size=d.shuffle_buffer,
             endpoint_url=d.endpoint_url or None,
         )
     dataset = CocoDataset(d.train.json, d.train.images, on_error=d.on_error)
     return build_train_loader(
         InstanceSegDataset(dataset, transform, seed=cfg.train.seed, skip_empty=True),
         batch_size=d.batch_size, seed=cfg.train.seed, num_workers=d.num_workers,
-        rank=rank, world_size=world, start_iter=start_iter,
+        rank=rank, world_size=world, start_position=start_position,
     )
 
 
-def _restore(trainer: Trainer, checkpoint: Checkpoint, rank: int, device: torch.device) -> None:
+def _restore(trainer: Trainer, checkpoint: Checkpoint, rank: int, device: torch.device) -> int:
+    """Load the checkpoint into ``trainer``; returns the global stream position to continue at."""
     with checkpoint.as_directory() as folder:
-        trainer.load_state_dict(load_checkpoint(Path(folder) / STATE_FILE, map_location=device))
+        state = load_checkpoint(Path(folder) / STATE_FILE, map_location=device)
+        trainer.load_state_dict(state)
         own = Path(folder) / f"rng_rank{rank}.pt"
         if own.is_file():
             set_rng_state(torch.load(own, weights_only=True))
         else:
             # The group grew: a worker without a saved state draws a fresh, distinct one.
             seed_everything(trainer.cfg.train.seed + rank + 7919 * trainer.iteration)
+    return int(state.get("data_position", trainer.iteration * state.get("global_batch", trainer.global_batch)))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -370,8 +374,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         meta={"class_names": config["class_names"]},
     )
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        _restore(trainer, checkpoint, rank, device)
+    position = _restore(trainer, checkpoint, rank, device) if checkpoint is not None else 0
+    first_iteration = trainer.iteration
     files = _RunFiles(config["run_uri"], cfg.data.endpoint_url or None) if rank == 0 else None
     if files is not None:
         if checkpoint is not None:
@@ -382,7 +386,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             cfg.name, world, device.type, trainer.global_batch, trainer.base_lr, cfg.solver.max_iter,
         )
     evaluator = _Evaluator(cfg, config["class_names"], rank, world) if (cfg.data.val.json or cfg.data.val.shards) else None
-    batches = _train_batches(cfg, rank=rank, world=world, start_iter=trainer.iteration)
+    batches = _train_batches(cfg, rank=rank, world=world, start_position=position)
 
     pending: dict[str, float] = {}
     saved: list[Path] = []
@@ -399,7 +403,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def on_checkpoint(it: int) -> None:
         folder = Path(tempfile.mkdtemp(prefix="uniinst-ckpt-"))
         if rank == 0:
-            save_checkpoint(trainer.state_dict(), folder / STATE_FILE)
+            # Images of the global stream trained on so far: where a resumed stream continues,
+            # whatever the size of the worker group that resumes it.
+            data_position = position + (it - first_iteration) * trainer.global_batch
+            save_checkpoint({**trainer.state_dict(), "data_position": data_position}, folder / STATE_FILE)
         torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
         saved.append(folder)
 

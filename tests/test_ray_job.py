@@ -1,0 +1,148 @@
+"""``ray job submit`` of the training entrypoint to a head started with ``ray start --head``:
+the job succeeds and its checkpoint and evaluation report land in the storage path, a
+local folder or S3 (moto's server)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+
+from conftest import REPO, _free_port  # noqa: E402
+from uniinst.data.storage import filesystem_for, join  # noqa: E402
+
+pytestmark = pytest.mark.timeout(900)
+
+TINY_JOB = [
+    "model.fpn_channels=32",
+    "model.head.num_groups=8",
+    "model.mask_branch.channels=32",
+    "data.synthetic_train_images=8",
+    "data.synthetic_val_images=4",
+    "data.synthetic_image_size=128",
+    "data.min_size_train=[128]",
+    "data.max_size_train=128",
+    "data.min_size_test=128",
+    "data.max_size_test=128",
+    "data.batch_size=1",
+    "solver.max_iter=4",
+    "solver.warmup_iters=2",
+    "train.checkpoint_period=2",
+    "train.log_period=1",
+]
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def test_quickstart_runs_the_whole_flow_and_says_where_everything_is(tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    out = tmp_path / "quickstart"
+    done = subprocess.run(
+        [_bin("uniinst"), "quickstart", "--output-dir", str(out), "--num-images", "2", *TINY_JOB],
+        env=env, capture_output=True, text=True, timeout=800, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "quickstart done: val mask AP" in done.stdout
+    for line in ("checkpoint:", "best model:", "evaluation:", "metrics log:", "predictions:"):
+        assert line in done.stdout
+    assert (out / "data" / "train" / "manifest.json").is_file()  # the shards
+    assert (out / "checkpoint_0000004" / "state.pt").is_file() and (out / "model_best.pt").is_file()
+    assert json.loads((out / "summary.json").read_text())["workers"] == 2
+    assert len(list((out / "predictions").glob("*.png"))) == 2
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"train/loss", "train/lr", "train/images_per_sec", "train/data_wait_fraction"} <= set(logged[0])
+    assert any("val/AP" in row for row in logged) and list((out / "tensorboard").iterdir())
+
+
+@pytest.fixture(scope="module")
+def ray_head(aws_test_env, tmp_path_factory):
+    """A Ray head of its own (``ray start --head --block``), stopped with its process group."""
+    # A distinctive secret (moto accepts any), to look for in the run's files afterwards.
+    env = {
+        **os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
+        "AWS_SECRET_ACCESS_KEY": "job-secret-4f9a1c", "AWS_SESSION_TOKEN": "job-token-77d2e0",
+    }
+    port, dashboard = _free_port(), _free_port()
+    temp = tmp_path_factory.mktemp("ray_head")
+    log = (temp / "head.log").open("w")
+    head = subprocess.Popen(
+        [
+            _bin("ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+            f"--object-store-memory={300 * 1024**2}", "--disable-usage-stats",
+        ],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=2):
+                break
+        except OSError:
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Ray head did not start: {(temp / 'head.log').read_text()[-2000:]}") from None
+            time.sleep(1)
+    yield address, env
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+    log.close()
+
+
+def _submit(address: str, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            _bin("ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+            "python", "ray_jobs/train.py", *args,
+        ],
+        env=env, capture_output=True, text=True, timeout=800,
+    )
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_ray_job_submit_trains_and_leaves_checkpoint_and_report_in_storage(ray_head, store, request, tmp_path):
+    address, env = ray_head
+    endpoint_url = None
+    if store == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        endpoint_url = request.getfixturevalue("s3_server")
+        storage = f"{bucket}/runs"
+    else:
+        storage = str(tmp_path / "runs")
+    extra = [f"data.endpoint_url={endpoint_url}"] if endpoint_url else []
+    done = _submit(
+        address, env, "--config", "configs/quickstart.yaml", "--workers", "2", "--storage-path", storage,
+        "--name", "job", *TINY_JOB, *extra,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "succeeded" in (done.stdout + done.stderr)
+
+    run = join(storage, "job")
+    fs, _ = filesystem_for(run, endpoint_url=endpoint_url)
+    for name in ("checkpoint_0000004/state.pt", "eval/iter_0000004/metrics.json", "model_best.pt", "config.yaml"):
+        assert fs.exists(filesystem_for(join(run, name))[1]), name
+    metrics = json.loads(fs.cat_file(filesystem_for(join(run, "eval/iter_0000004/metrics.json"))[1]))
+    assert 0.0 <= metrics["AP"] <= 1.0 and metrics["extra"]["iteration"] == 4
+    summary = json.loads(fs.cat_file(filesystem_for(join(run, "summary.json"))[1]))
+    assert summary["iteration"] == 4 and summary["workers"] == 2
+    # No credential reaches the run's files.
+    for path in fs.find(filesystem_for(run)[1]):
+        if not path.endswith(".parquet"):
+            content = fs.cat_file(path)
+            assert b"job-secret-4f9a1c" not in content and b"job-token-77d2e0" not in content, path
