@@ -130,7 +130,10 @@ def start_local_ray():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] = "1"
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
+    # "local": a Ray of our own even when `ray start` runs on this machine.
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False
+    )
     limit_ray_data()
     return ray
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -77,11 +79,14 @@ def ray_head(aws_test_env, tmp_path_factory):
     port, dashboard = _free_port(), _free_port()
     temp = tmp_path_factory.mktemp("ray_head")
     log = (temp / "head.log").open("w")
+    # Its own temp folder (short: Ray puts sockets there), so that the address file it
+    # leaves behind does not send later ray.init() calls of this session to it.
+    ray_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")
     head = subprocess.Popen(
         [
             _bin("ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-            f"--object-store-memory={300 * 1024**2}", "--disable-usage-stats",
+            f"--object-store-memory={300 * 1024**2}", "--disable-usage-stats", f"--temp-dir={ray_tmp}",
         ],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
@@ -103,16 +108,21 @@ def ray_head(aws_test_env, tmp_path_factory):
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
     log.close()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _submit(address: str, env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            _bin("ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-            "python", "ray_jobs/train.py", *args,
-        ],
-        env=env, capture_output=True, text=True, timeout=800,
-    )
+    command = [
+        _bin("ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+        "python", "ray_jobs/train.py", *args,
+    ]
+    deadline = time.monotonic() + 120
+    while True:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=800)
+        # The head answers HTTP a little before its job agent is up.
+        if done.returncode == 0 or "No available agent" not in done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(2)
 
 
 @pytest.mark.parametrize("store", ["local", "s3"])

@@ -186,10 +186,6 @@ def train_local(cfg: ExperimentConfig, *, resume: bool = True) -> TrainResult:
         if trainer.iteration < cfg.solver.max_iter:
             trainer.run(
                 batches,
-                max_iter=cfg.solver.max_iter,
-                log_period=cfg.train.log_period,
-                checkpoint_period=cfg.train.checkpoint_period,
-                eval_period=cfg.train.eval_period,
                 on_log=on_log,
                 on_checkpoint=on_checkpoint,
                 on_eval=on_eval,

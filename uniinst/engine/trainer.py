@@ -155,10 +155,10 @@ class Trainer:
         self,
         batches: Iterable[Batch],
         *,
-        max_iter: int,
-        log_period: int = 20,
-        checkpoint_period: int = 0,
-        eval_period: int = 0,
+        max_iter: int | None = None,
+        log_period: int | None = None,
+        checkpoint_period: int | None = None,
+        eval_period: int | None = None,
         on_log: Callable[[int, dict[str, float]], None] | None = None,
         on_checkpoint: Callable[[int], None] | None = None,
         on_eval: Callable[[int], None] | None = None,
@@ -168,8 +168,16 @@ class Trainer:
 
         ``on_log`` gets the averaged metrics every ``log_period`` iterations (with data-wait
         and step times and images/s); ``on_checkpoint`` and ``on_eval`` are called every
-        ``checkpoint_period`` / ``eval_period`` iterations and once more at the end.
+        ``checkpoint_period`` / ``eval_period`` iterations and once more at the end;
+        ``on_iteration_end`` after every iteration, once the other hooks have run. The
+        iteration count and periods default to the config's (``solver.max_iter``,
+        ``train.log_period``, ``train.checkpoint_period``, ``train.eval_period``).
         """
+        t = self.cfg.train
+        max_iter = self.cfg.solver.max_iter if max_iter is None else max_iter
+        log_period = t.log_period if log_period is None else log_period
+        checkpoint_period = t.checkpoint_period if checkpoint_period is None else checkpoint_period
+        eval_period = t.eval_period if eval_period is None else eval_period
         it: Iterator[Batch] = iter(batches)
         window: list[dict[str, float]] = []
         start_iter = self.iteration

@@ -47,7 +47,9 @@ def _positives_mask_loss(
     max_instances: int,
 ) -> Tensor:
     """Dice loss of each given (image, location) instance against its GT mask, for at most
-    ``max_instances`` of them sampled at random (as CondInst)."""
+    ``max_instances`` of them sampled at random (as CondInst); empty without instances."""
+    if loc_idx.numel() == 0:
+        return mask_feats.new_zeros(0)
     if loc_idx.numel() > max_instances:
         keep = torch.randperm(loc_idx.numel(), device=loc_idx.device)[:max_instances]
         image_idx, loc_idx, gt_masks = image_idx[keep], loc_idx[keep], gt_masks[keep]
@@ -165,14 +167,8 @@ class UniInstCriterion(nn.Module):
         # so that splitting a batch over workers does not change the gradient.
         zero = _touch(out.controllers, mask_feats, out.iou_preds)
         dice = _positives_mask_loss(
-            mask_head,
-            mask_feats,
-            out,
-            torch.cat(m_img),
-            torch.cat(m_loc),
-            torch.cat(m_masks),
-            self.max_mask_instances,
-        ) if num_matched > 0 else zero.new_zeros(0)
+            mask_head, mask_feats, out, torch.cat(m_img), torch.cat(m_loc), torch.cat(m_masks), self.max_mask_instances
+        )
         loss_mask = global_mean(dice) + zero
 
         losses = {"loss_cls": self.weights["cls"] * loss_cls, "loss_mask": self.weights["mask"] * loss_mask}
@@ -260,13 +256,7 @@ class CondInstCriterion(nn.Module):
         )
         zero = _touch(out.controllers, mask_feats)
         dice = _positives_mask_loss(
-            mask_head,
-            mask_feats,
-            out,
-            torch.cat(p_img),
-            torch.cat(p_loc),
-            torch.cat(p_masks),
-            self.max_mask_instances,
-        ) if num_pos > 0 else zero.new_zeros(0)
+            mask_head, mask_feats, out, torch.cat(p_img), torch.cat(p_loc), torch.cat(p_masks), self.max_mask_instances
+        )
         loss_mask = global_mean(dice) + zero
         return {"loss_cls": self.weights["cls"] * loss_cls, "loss_mask": self.weights["mask"] * loss_mask}

@@ -447,10 +447,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if trainer.iteration < cfg.solver.max_iter:
             trainer.run(
                 batches,
-                max_iter=cfg.solver.max_iter,
-                log_period=cfg.train.log_period,
-                checkpoint_period=cfg.train.checkpoint_period,
-                eval_period=cfg.train.eval_period,
                 on_log=on_log,
                 on_checkpoint=on_checkpoint,
                 on_eval=on_eval,
