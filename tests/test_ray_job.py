@@ -87,6 +87,11 @@ def ray_head(aws_test_env, tmp_path_factory):
             _bin("ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
             f"--object-store-memory={300 * 1024**2}", "--disable-usage-stats", f"--temp-dir={ray_tmp}",
+            # Ports of its own: other Ray instances of this session hold the default ones,
+            # and a job agent that cannot bind its port never takes a job.
+            f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}",
         ],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
