@@ -54,7 +54,7 @@ from uniinst.data.coco import CocoDataset
 from uniinst.data.dataset import InstanceSegDataset, build_train_loader
 from uniinst.data.prepare import prepare_dataset, read_image_ids, redact_uri
 from uniinst.data.shards import Manifest, read_manifest
-from uniinst.data.storage import arrow_filesystem_for, download_file, filesystem_for, join, upload_file
+from uniinst.data.storage import arrow_filesystem_for, download_file, exists, filesystem_for, join, upload_file
 from uniinst.data.synthetic import generate_synthetic_coco
 from uniinst.data.transforms import TrainTransform
 from uniinst.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
@@ -151,8 +151,7 @@ def prepare_run_data(cfg: ExperimentConfig, run: RunLocation) -> list[str]:
     d = cfg.data
     if d.synthetic:
         uris = {split: join(run.uri, "data", split) for split in ("train", "val")}
-        fs, _ = filesystem_for(run.uri, endpoint_url=run.endpoint_url)
-        missing = [s for s, uri in uris.items() if not fs.exists(filesystem_for(join(uri, "manifest.json"))[1])]
+        missing = [s for s, uri in uris.items() if not exists(join(uri, "manifest.json"), endpoint_url=run.endpoint_url)]
         if missing:
             with tempfile.TemporaryDirectory(prefix="uniinst-synthetic-") as tmp:
                 logger.info("generating the synthetic dataset and its shards in %s", redact_uri(join(run.uri, "data")))
@@ -207,12 +206,12 @@ def train_ray(cfg: ExperimentConfig, *, resume: bool = True) -> RayTrainResult:
     result = trainer.fit()
     metrics = dict(result.metrics or {})
     val = {k.removeprefix("val/"): float(v) for k, v in metrics.items() if k.startswith("val/")} or None
-    fs, best_path = filesystem_for(join(run.uri, "model_best.pt"), endpoint_url=run.endpoint_url)
+    best = join(run.uri, "model_best.pt")
     out = RayTrainResult(
         run_uri=run.uri,
         iteration=int(metrics.get("iteration", 0)),
         checkpoint=join(run.uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None,
-        best_checkpoint=join(run.uri, "model_best.pt") if fs.exists(best_path) else None,
+        best_checkpoint=best if exists(best, endpoint_url=run.endpoint_url) else None,
         metrics=val,
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -357,6 +356,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The body of every Ray Train worker: the library's training loop, unchanged, with
     checkpoints, metrics and evaluations reported to Ray."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Ray logs every report and every epoch's pipeline at INFO; the job's output should show
+    # the training's progress (Ray's session logs keep everything).
+    for name in ("ray.train", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     cfg = config_from_dict(config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
