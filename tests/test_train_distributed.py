@@ -46,7 +46,9 @@ def two_nodes(aws_test_env):
 def _cfg(synth_data, out, *extra):
     return tiny_config(
         synth_data, out, "solver.max_iter=4", "solver.base_lr=0.08", "train.checkpoint_period=2",
-        "data.flip_prob=0.5", "ray.cpus_per_worker=2", "ray.max_failures=0", *extra,
+        "data.flip_prob=0.5", "ray.cpus_per_worker=2", "ray.max_failures=0",
+        # Iteration 3 evaluates without logging or saving: every rank must still report.
+        "train.log_period=4", "train.eval_period=3", *extra,
     )
 
 
@@ -69,6 +71,9 @@ def test_two_workers_take_the_steps_of_one_process_with_twice_the_batch(ddp_run,
     cfg, result = ddp_run
     assert result.iteration == 4 and run_checkpoints(run_location(cfg)) == ["checkpoint_0000002", "checkpoint_0000004"]
     assert len({n["NodeID"] for n in ray.nodes() if n["Alive"]}) == 2
+    with open(f"{run_location(cfg).uri}/metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["iteration"] for r in rows if "val/AP" in r] == [3, 4]
     ddp = load_run_checkpoint(result.checkpoint)
 
     single = train_local(_cfg(synth_data, tmp_path / "single", "data.batch_size=2"))

@@ -174,10 +174,11 @@ def prepare_run_data(cfg: ExperimentConfig, run: RunLocation) -> list[str]:
     return list(train.class_names)
 
 
-def train_ray(cfg: ExperimentConfig, *, resume: bool = True) -> RayTrainResult:
+def train_ray(cfg: ExperimentConfig, *, resume: bool = True, callbacks: list | None = None) -> RayTrainResult:
     """Train ``cfg`` on the Ray cluster (joined, or started locally) with ``ray.num_workers``
     workers; resume the run at ``(ray.storage_path, ray.name)`` if it exists (unless
-    ``resume`` is False, which refuses an existing run)."""
+    ``resume`` is False, which refuses an existing run). ``callbacks`` go to Ray Train's
+    ``RunConfig`` (a search passes Tune's report callback)."""
     connect()
     run = run_location(cfg)
     existing = run_checkpoints(run)
@@ -201,6 +202,7 @@ def train_ray(cfg: ExperimentConfig, *, resume: bool = True) -> RayTrainResult:
             storage_filesystem=run.storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
+            callbacks=callbacks,
         ),
     )
     result = trainer.fit()
@@ -392,6 +394,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches = _train_batches(cfg, rank=rank, world=world, start_position=position)
 
     pending: dict[str, float] = {}
+    latest_val: dict[str, float] = {}
+    evaluated = False
     saved: list[Path] = []
     best_ap = -1.0
 
@@ -414,14 +418,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         saved.append(folder)
 
     def on_eval(it: int) -> None:
-        nonlocal best_ap
+        nonlocal best_ap, evaluated
         if evaluator is None:
             return
+        # Every rank takes part and then reports, not only rank 0 that gets the metrics.
+        evaluated = True
         out_dir = files.staging / "eval" / f"iter_{it:07d}" if files is not None else Path(tempfile.gettempdir())
         metrics = evaluator(model, device, out_dir, {"iteration": it})
         if metrics is None:
             return
-        pending.update({f"val/{k}": v for k, v in metrics.items()})
+        latest_val.update({f"val/{k}": v for k, v in metrics.items()})
         files.writer.write(it, metrics, prefix="val/")
         logger.info("evaluation at iteration %d:\n%s", it, format_table(metrics))
         if metrics["AP"] > best_ap:
@@ -430,12 +436,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             save_checkpoint({**state, "metrics": metrics}, files.staging / "model_best.pt")
 
     def on_iteration_end(it: int) -> None:
-        if not pending and not saved:
+        nonlocal evaluated
+        if not pending and not saved and not evaluated:
             return
-        # Every worker reaches this at the same iterations: report() is a barrier.
+        # Every worker reaches this at the same iterations: report() is a barrier. Each report
+        # carries the latest val metrics, so that a search sees its metric in every result.
         checkpoint = Checkpoint.from_directory(str(saved[-1])) if saved else None
         ray.train.report(
-            {"iteration": it, **pending},
+            {"iteration": it, **pending, **latest_val},
             checkpoint=checkpoint,
             checkpoint_dir_name=checkpoint_dir_name(it) if checkpoint else None,
         )
@@ -443,6 +451,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             shutil.rmtree(folder, ignore_errors=True)
         saved.clear()
         pending.clear()
+        evaluated = False
         if files is not None:
             files.sync()
 
