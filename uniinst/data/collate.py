@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -58,9 +61,11 @@ def make_targets(masks: Tensor, labels: Tensor, padded_size: tuple[int, int], *,
     )
 
 
-def collate(samples: list[Sample], *, size_divisibility: int = 32, mask_stride: int = 4) -> Batch:
-    """Pad the samples' images (zeros, bottom/right) to the batch's largest height and width,
-    rounded up to ``size_divisibility``, and build their :class:`Targets`."""
+def padded_size(
+    samples: Sequence[Any], *, size_divisibility: int = 32, mask_stride: int = 4
+) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """The ``(height, width)`` of each sample's ``[3, H, W]`` image, and the padded batch size:
+    the largest height and width rounded up to ``size_divisibility``."""
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
     if size_divisibility <= 0 or size_divisibility % mask_stride:
@@ -70,7 +75,13 @@ def collate(samples: list[Sample], *, size_divisibility: int = 32, mask_stride: 
     sizes = [(int(s.image.shape[1]), int(s.image.shape[2])) for s in samples]
     hp = -(-max(h for h, _ in sizes) // size_divisibility) * size_divisibility
     wp = -(-max(w for _, w in sizes) // size_divisibility) * size_divisibility
+    return sizes, (hp, wp)
 
+
+def collate(samples: list[Sample], *, size_divisibility: int = 32, mask_stride: int = 4) -> Batch:
+    """Pad the samples' images (zeros, bottom/right) to the batch's largest height and width,
+    rounded up to ``size_divisibility``, and build their :class:`Targets`."""
+    sizes, (hp, wp) = padded_size(samples, size_divisibility=size_divisibility, mask_stride=mask_stride)
     first = samples[0].image
     images = first.new_zeros((len(samples), 3, hp, wp))
     targets = []

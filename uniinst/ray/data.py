@@ -50,7 +50,7 @@ from ray.data.datasource import Datasource, ReadTask
 from torch import Tensor
 
 from uniinst.data.coco import CocoRecord
-from uniinst.data.collate import make_targets
+from uniinst.data.collate import make_targets, padded_size
 from uniinst.data.prepare import redact_uri
 from uniinst.data.shards import SHARD_SCHEMA, Manifest, decode_row, read_manifest, shard_uris
 from uniinst.data.storage import filesystem_for
@@ -139,15 +139,7 @@ def collate_stream(samples: Sequence[StreamSample], *, size_divisibility: int = 
     """Pad images (zeros, bottom/right) to the batch's largest size rounded up to
     ``size_divisibility`` and the stride-``mask_stride`` masks to match: the same
     :class:`Batch` as :func:`uniinst.data.collate.collate` gives for the samples."""
-    if not samples:
-        raise ValueError("cannot collate an empty list of samples")
-    if size_divisibility <= 0 or size_divisibility % mask_stride:
-        raise ValueError(
-            f"size_divisibility must be a positive multiple of mask_stride={mask_stride}, got {size_divisibility}"
-        )
-    sizes = [(int(s.image.shape[1]), int(s.image.shape[2])) for s in samples]
-    hp = -(-max(h for h, _ in sizes) // size_divisibility) * size_divisibility
-    wp = -(-max(w for _, w in sizes) // size_divisibility) * size_divisibility
+    sizes, (hp, wp) = padded_size(samples, size_divisibility=size_divisibility, mask_stride=mask_stride)
     images = samples[0].image.new_zeros((len(samples), 3, hp, wp))
     targets = []
     for i, (sample, (h, w)) in enumerate(zip(samples, sizes)):
