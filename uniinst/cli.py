@@ -1,4 +1,4 @@
-"""The ``uniinst`` command: synth, prepare, train, evaluate, predict."""
+"""The ``uniinst`` command: synth, prepare, train, quickstart, tune, evaluate, predict."""
 
 from __future__ import annotations
 
@@ -83,6 +83,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"mask AP {result.metrics['AP']:.4f}  (report: {result.output_dir / 'eval'})")
     print(f"metrics: {result.output_dir / 'metrics.jsonl'}  tensorboard: {result.output_dir / 'tensorboard'}")
     return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from uniinst.ray.tune import collect_results, format_search_summary, run_search, search_uri
+    from uniinst.search.config import load_search_config, search_overrides
+
+    cfg = load_search_config(args.config, [*args.overrides, *search_overrides(args.storage_path, args.name)])
+    if args.collect:
+        result = collect_results(cfg, search_uri(cfg), endpoint_url=cfg.trial_config().data.endpoint_url or None)
+    else:
+        result = run_search(cfg, resume=args.resume)
+    print("\n" + format_search_summary(result, cfg))
+    return 0 if result.finished or args.collect else 1
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
@@ -305,6 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--num-images", type=int, default=8, help="val images to draw")
     q.add_argument("overrides", nargs="*", help="dotted overrides, e.g. solver.max_iter=200")
     q.set_defaults(func=_cmd_quickstart)
+
+    u = sub.add_parser(
+        "tune", help="search alpha and the loss weights with Ray Tune: each trial a Ray Train run (configs/tune_*.yaml)"
+    )
+    u.add_argument("--config", required=True, help="YAML search config")
+    u.add_argument("--resume", action="store_true", help="continue the interrupted search of this name")
+    u.add_argument("--collect", action="store_true", help="only write the table, plots and best config so far")
+    u.add_argument("--storage-path", help="where searches live: a folder or s3:// / gs:// URI (storage_path)")
+    u.add_argument("--name", help="the search's folder name (name)")
+    u.add_argument("overrides", nargs="*", help="dotted overrides of the search config, e.g. search.num_samples=16")
+    u.set_defaults(func=_cmd_tune)
 
     e = sub.add_parser("evaluate", help="COCO mask AP of a checkpoint, or of an existing results file")
     e.add_argument("--checkpoint", help="model checkpoint (.pt)")

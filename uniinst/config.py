@@ -8,6 +8,7 @@ A YAML file may name a ``base`` file (relative to itself) that it extends.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -223,7 +224,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, key)
+        return build_dataclass(tp, value, key)
     if origin is Literal:
         choices = typing.get_args(tp)
         if not any(value == c and type(value) is type(c) for c in choices):
@@ -265,7 +266,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
 
 
-def _build(cls: type, values: Mapping[str, Any], prefix: str = "", base: Any = None) -> Any:
+def build_dataclass(cls: type, values: Mapping[str, Any], prefix: str = "", base: Any = None) -> Any:
+    """Fill the dataclass ``cls`` (or update ``base``) from ``values``, checking every key and
+    type; errors name the dotted key under ``prefix``."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -279,13 +282,14 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str = "", base: Any = N
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-            setattr(obj, name, _build(tp, value, key, getattr(obj, name)))
+            setattr(obj, name, build_dataclass(tp, value, key, getattr(obj, name)))
         else:
             setattr(obj, name, _coerce(value, tp, key))
     return obj
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping with its ``base`` chain merged in (the base first)."""
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: circular 'base' reference")
@@ -302,7 +306,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"{path}: 'base' must be a path string")
-    return _merge(_read_yaml(path.parent / base, seen + (path,)), data)
+    return _merge(read_yaml(path.parent / base, seen + (path,)), data)
 
 
 def _merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
@@ -339,25 +343,38 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        data = _read_yaml(Path(path))
+        data = read_yaml(Path(path))
         source = str(path)
     try:
-        cfg = _build(ExperimentConfig, data)
+        cfg = build_dataclass(ExperimentConfig, data)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     for text in overrides:
         keys, value = parse_override(text)
         try:
-            cfg = _build(ExperimentConfig, _nest(keys, value), base=cfg)
+            cfg = build_dataclass(ExperimentConfig, _nest(keys, value), base=cfg)
         except ConfigError as exc:
             raise ConfigError(f"override {text!r}: {exc}") from None
     validate(cfg)
     return cfg
 
 
+def apply_values(cfg: ExperimentConfig, values: Mapping[str, Any]) -> ExperimentConfig:
+    """A copy of ``cfg`` with dotted keys set to values (``{"model.oyor.alpha": 0.8}``),
+    checked and validated like overrides."""
+    out = copy.deepcopy(cfg)
+    for key, value in values.items():
+        try:
+            out = build_dataclass(ExperimentConfig, _nest(key.split("."), value), base=out)
+        except ConfigError as exc:
+            raise ConfigError(f"{key}={value!r}: {exc}") from None
+    validate(out)
+    return out
+
+
 def config_from_dict(data: Mapping[str, Any]) -> ExperimentConfig:
     """Build a config from a plain mapping (for example one stored in a checkpoint)."""
-    cfg = _build(ExperimentConfig, data)
+    cfg = build_dataclass(ExperimentConfig, data)
     validate(cfg)
     return cfg
 

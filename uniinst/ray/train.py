@@ -5,8 +5,9 @@ on CPUs, NCCL on GPUs).
 A run lives in one folder, ``<ray.storage_path>/<ray.name>`` (a local path or ``s3://`` /
 ``gs://``)::
 
-    checkpoint_0000300/      state.pt (model, optimizer, LR schedule, scaler, iteration) and
-                             rng_rank<r>.pt, every train.checkpoint_period iterations
+    checkpoint_0000300/      state.pt (model, optimizer, LR schedule, scaler, iteration),
+                             rng_rank<r>.pt and val_metrics.json (the last evaluation's),
+                             every train.checkpoint_period iterations
     config.yaml              the resolved config
     metrics.jsonl            train/* every log period, val/* every evaluation, event/* restarts
     tensorboard/             the same as TensorBoard events
@@ -72,6 +73,7 @@ from uniinst.ray.prepare import connect, ray_executor
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+VAL_METRICS_FILE = "val_metrics.json"
 _CHECKPOINT_DIR = re.compile(r"checkpoint_\d{7}")
 
 
@@ -144,17 +146,17 @@ class RayTrainResult:
     metrics: dict[str, float] | None
 
 
-def prepare_run_data(cfg: ExperimentConfig, run: RunLocation) -> list[str]:
+def prepare_run_data(cfg: ExperimentConfig, folder: str, endpoint_url: str | None = None) -> list[str]:
     """Check the datasets and return the class names. With ``data.synthetic`` the synthetic
-    set is generated here and converted to shards in ``<run>/data`` (reused when there), so
-    that workers on any node can read it; ``cfg`` is pointed at them."""
+    set is generated here and converted to shards in ``<folder>/data`` (reused when there),
+    so that workers on any node can read it; ``cfg`` is pointed at them."""
     d = cfg.data
     if d.synthetic:
-        uris = {split: join(run.uri, "data", split) for split in ("train", "val")}
-        missing = [s for s, uri in uris.items() if not exists(join(uri, "manifest.json"), endpoint_url=run.endpoint_url)]
+        uris = {split: join(folder, "data", split) for split in ("train", "val")}
+        missing = [s for s, uri in uris.items() if not exists(join(uri, "manifest.json"), endpoint_url=endpoint_url)]
         if missing:
             with tempfile.TemporaryDirectory(prefix="uniinst-synthetic-") as tmp:
-                logger.info("generating the synthetic dataset and its shards in %s", redact_uri(join(run.uri, "data")))
+                logger.info("generating the synthetic dataset and its shards in %s", redact_uri(join(folder, "data")))
                 paths = generate_synthetic_coco(
                     tmp,
                     splits={"train": d.synthetic_train_images, "val": d.synthetic_val_images},
@@ -165,7 +167,7 @@ def prepare_run_data(cfg: ExperimentConfig, run: RunLocation) -> list[str]:
                 for split in missing:
                     prepare_dataset(
                         str(paths[split]), str(Path(tmp) / split), uris[split], images_per_shard=16,
-                        endpoint_url=run.endpoint_url, executor=ray_executor(), progress=False,
+                        endpoint_url=endpoint_url, executor=ray_executor(), progress=False,
                     )
         d.synthetic = False
         for split, dataset in (("train", d.train), ("val", d.val)):
@@ -184,7 +186,7 @@ def train_ray(cfg: ExperimentConfig, *, resume: bool = True, callbacks: list | N
     existing = run_checkpoints(run)
     if existing and not resume:
         raise FileExistsError(f"run {redact_uri(run.uri)} already holds {existing[-1]}: pick another name or resume")
-    class_names = prepare_run_data(cfg, run)
+    class_names = prepare_run_data(cfg, run.uri, run.endpoint_url)
     with tempfile.TemporaryDirectory() as tmp:
         upload_file(dump_config(cfg, Path(tmp) / "config.yaml"), join(run.uri, "config.yaml"), endpoint_url=run.endpoint_url)
     logger.info(
@@ -340,18 +342,22 @@ def _train_batches(cfg: ExperimentConfig, *, rank: int, world: int, start_positi
     )
 
 
-def _restore(trainer: Trainer, checkpoint: Checkpoint, rank: int, device: torch.device) -> int:
-    """Load the checkpoint into ``trainer``; returns the global stream position to continue at."""
+def _restore(trainer: Trainer, checkpoint: Checkpoint, rank: int, device: torch.device) -> tuple[int, dict[str, float]]:
+    """Load the checkpoint into ``trainer``; returns the global stream position to continue at
+    and the val metrics of the last evaluation before the checkpoint."""
     with checkpoint.as_directory() as folder:
         state = load_checkpoint(Path(folder) / STATE_FILE, map_location=device)
         trainer.load_state_dict(state)
+        val_file = Path(folder) / VAL_METRICS_FILE
+        latest_val = json.loads(val_file.read_text()) if val_file.is_file() else {}
         own = Path(folder) / f"rng_rank{rank}.pt"
         if own.is_file():
             set_rng_state(torch.load(own, weights_only=True))
         else:
             # The group grew: a worker without a saved state draws a fresh, distinct one.
             seed_everything(trainer.cfg.train.seed + rank + 7919 * trainer.iteration)
-    return int(state.get("data_position", trainer.iteration * state.get("global_batch", trainer.global_batch)))
+    position = int(state.get("data_position", trainer.iteration * state.get("global_batch", trainer.global_batch)))
+    return position, latest_val
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -360,8 +366,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Ray logs every report and every epoch's pipeline at INFO; the job's output should show
     # the training's progress (Ray's session logs keep everything).
-    for name in ("ray.train", "ray.data"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    # Some of Ray Train's loggers are named by their file's path, outside the "ray.train" tree.
+    train_dir = os.path.dirname(ray.train.__file__)
+    for name in ["ray.train", "ray.data", *logging.Logger.manager.loggerDict]:
+        if name in ("ray.train", "ray.data") or name.startswith(train_dir):
+            logging.getLogger(name).setLevel(logging.WARNING)
     cfg = config_from_dict(config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -379,7 +388,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         meta={"class_names": config["class_names"]},
     )
     checkpoint = ray.train.get_checkpoint()
-    position = _restore(trainer, checkpoint, rank, device) if checkpoint is not None else 0
+    position, latest_val = _restore(trainer, checkpoint, rank, device) if checkpoint is not None else (0, {})
     first_iteration = trainer.iteration
     files = _RunFiles(config["run_uri"], cfg.data.endpoint_url or None) if rank == 0 else None
     if files is not None:
@@ -394,7 +403,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches = _train_batches(cfg, rank=rank, world=world, start_position=position)
 
     pending: dict[str, float] = {}
-    latest_val: dict[str, float] = {}
     evaluated = False
     saved: list[Path] = []
     best_ap = -1.0
@@ -441,6 +449,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return
         # Every worker reaches this at the same iterations: report() is a barrier. Each report
         # carries the latest val metrics, so that a search sees its metric in every result.
+        if saved and files is not None and latest_val:
+            # A resumed run's reports carry them again before its next evaluation.
+            (saved[-1] / VAL_METRICS_FILE).write_text(json.dumps(latest_val))
         checkpoint = Checkpoint.from_directory(str(saved[-1])) if saved else None
         ray.train.report(
             {"iteration": it, **pending, **latest_val},
@@ -465,7 +476,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 on_iteration_end=on_iteration_end,
             )
         else:
-            ray.train.report({"iteration": trainer.iteration})
+            ray.train.report({"iteration": trainer.iteration, **latest_val})
     finally:
         close = getattr(batches, "close", None)
         if close is not None:
