@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -198,8 +199,10 @@ def test_table_plots_and_best_config(tmp_path):
     assert [r["trial_id"] for r in rows] == ["c", "a", "b", "d"]
     assert rows[0]["AP"] == "35.0" and rows[0]["model.oyor.alpha"] == "0.5" and rows[3]["error"] == "boom"
     table = format_markdown(records, space)
-    assert table.splitlines()[0] == "| trial | state | iteration | AP | AP50 | AP75 | model.oyor.alpha | model.loss.cls |"
-    assert "| b | stopped early | 2 | 40.0 | 60.0 | 40.0 | 0.1 | 2 |" in table
+    assert table.splitlines()[0] == (
+        "| trial | state | iteration | AP | AP50 | AP75 | model.oyor.alpha | model.loss.cls | failures |"
+    )
+    assert "| b | stopped early | 2 | 40.0 | 60.0 | 40.0 | 0.1 | 2 | 0 |" in table
 
     plots = plot_metric(records, space, tmp_path / "plots")
     assert [p.name for p in plots] == ["AP_vs_model_oyor_alpha.png", "AP_vs_model_loss_cls.png"]
@@ -250,15 +253,61 @@ def _placement_groups_released(timeout: float = 60.0) -> bool:
     return False
 
 
+def _count_resumes(run: Path) -> int:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return sum("event/resumed" in json.loads(line) for line in lines)
+
+
+def _kill_a_trial_once_it_has_a_checkpoint(out: Path, killed: list[str], stop: threading.Event) -> None:
+    """SIGKILL the driver process of a running trial (Tune's ``ImplicitFunc`` actor, working
+    in a folder named after its trial) once Ray Train has registered a checkpoint of it (a
+    checkpoint still being saved is not one to resume from)."""
+    import psutil
+
+    while not stop.is_set():
+        saved = set()
+        for snapshot in out.glob("trials/*/checkpoint_manager_snapshot.json"):
+            try:
+                if json.loads(snapshot.read_text()).get("checkpoint_results"):
+                    saved.add(snapshot.parent.name)
+            except ValueError:  # being written
+                continue
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if not any("ImplicitFunc" in part for part in proc.info["cmdline"] or []):
+                    continue
+                trial = next((t for t in saved if f"_{t}_" in proc.cwd()), None)
+                if trial is not None:
+                    proc.kill()
+                    killed.append(trial)
+                    return
+            except psutil.Error:
+                continue
+        time.sleep(0.1)
+
+
 def test_small_search_writes_table_plots_and_a_best_config_that_trains(tmp_path, ray_with_dashboard):
     from uniinst.engine.local import train_local
     from uniinst.ray.tune import run_search
 
     cfg = load_search_config(_write_search(tmp_path / "search.yaml", tmp_path / "searches"))
-    result = run_search(cfg)
     out = tmp_path / "searches" / "small"
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_a_trial_once_it_has_a_checkpoint, args=(out, killed, stop), daemon=True)
+    killer.start()
+    try:
+        result = run_search(cfg)
+    finally:
+        stop.set()
+        killer.join()
 
+    assert killed, "no trial was killed"
     assert result.finished and len(result.records) == 4
+    # The killed trial failed once, was retried (max_failures: 1) and continued its Ray Train
+    # run from the checkpoint it had saved.
+    assert {r.trial_id: r.failures for r in result.records if r.failures} == {killed[0]: 1}
+    assert _count_resumes(out / "trials" / killed[0]) == 1
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4
     for row in rows:
@@ -306,11 +355,6 @@ def test_a_search_out_of_time_stops_its_trials_and_gives_their_resources_back(tm
     # Their Ray Train runs had started (and hold placement groups) when the budget ran out.
     assert all((Path(r.run) / "config.yaml").is_file() for r in result.records)
     assert _placement_groups_released()
-
-
-def _count_resumes(run: Path) -> int:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return sum("event/resumed" in json.loads(line) for line in lines)
 
 
 def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):

@@ -270,6 +270,7 @@ def collect_results(cfg: SearchConfig, uri: str, *, endpoint_url: str | None = N
                 state=trial_state(t.status, iteration, max_iter),
                 run=join(uri, TRIALS_DIR, t.trial_id),
                 error=error,
+                failures=int(t.num_failures),
             )
         )
     records = rank(records, cfg.metric)

@@ -36,6 +36,7 @@ class TrialRecord:
     state: str = UNFINISHED
     run: str = ""
     error: str = ""
+    failures: int = 0
 
     def score(self, metric: str) -> float:
         value = self.metrics.get(metric)
@@ -78,26 +79,26 @@ def _percent(value: float | None) -> str:
 
 def write_csv(records: Sequence[TrialRecord], space: Sequence[Param], path: str | Path) -> Path:
     """One row per trial, best first: id, state, iteration, AP/AP50/AP75 (percent), the
-    searched values and the trial's run folder."""
+    searched values, how often the trial failed and was retried, and its run folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["trial_id", "state", "iteration", *METRICS, *(p.key for p in space), "run", "error"])
+        out.writerow(["trial_id", "state", "iteration", *METRICS, *(p.key for p in space), "failures", "run", "error"])
         for r in records:
             out.writerow(
                 [r.trial_id, r.state, r.iteration, *(_percent(r.metrics.get(m)) for m in METRICS),
-                 *(r.params.get(p.key, "") for p in space), r.run, r.error]
+                 *(r.params.get(p.key, "") for p in space), r.failures, r.run, r.error]
             )
     return path
 
 
 def format_markdown(records: Sequence[TrialRecord], space: Sequence[Param]) -> str:
-    header = ["trial", "state", "iteration", *METRICS, *(p.key for p in space)]
+    header = ["trial", "state", "iteration", *METRICS, *(p.key for p in space), "failures"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for r in records:
         cells = [r.trial_id, r.state, str(r.iteration), *(_percent(r.metrics.get(m)) for m in METRICS)]
-        cells += [_format_value(r.params.get(p.key, "")) for p in space]
+        cells += [_format_value(r.params.get(p.key, "")) for p in space] + [str(r.failures)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
