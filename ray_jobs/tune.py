@@ -21,7 +21,7 @@ from typing import Sequence
 from uniinst.config import ConfigError
 from uniinst.ray.prepare import connect
 from uniinst.ray.tune import format_search_summary, run_search
-from uniinst.search.config import load_search_config, search_overrides
+from uniinst.search.config import load_search_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the interrupted search of this name")
     p.add_argument("--storage-path", help="where searches live: a folder or s3:// / gs:// URI (storage_path)")
     p.add_argument("--name", help="the search's folder name (name)")
+    p.add_argument(
+        "--set", dest="experiment_overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override the experiment for the trials and the best config (repeatable), "
+        "e.g. --set data.train.shards=s3://bucket/shards/train",
+    )
     p.add_argument("--address", default="auto", help="Ray cluster address (default: the job's cluster)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the search config, e.g. search.num_samples=64")
     return p
@@ -39,7 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_search_config(args.config, [*args.overrides, *search_overrides(args.storage_path, args.name)])
+        cfg = load_search_config(
+            args.config, args.overrides, experiment_overrides=args.experiment_overrides,
+            storage_path=args.storage_path, name=args.name,
+        )
         connect(args.address)
         result = run_search(cfg, resume=args.resume)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:

@@ -100,6 +100,21 @@ def test_search_config_reads_the_space_and_shapes_the_trials(tmp_path):
     assert search_to_dict(load_search_config(again)) == search_to_dict(cfg)
 
 
+def test_experiment_overrides_reach_the_trials_and_the_best_config(tmp_path):
+    cfg = load_search_config(
+        _write_search(tmp_path / "s.yaml", tmp_path / "out", experiment_overrides=["data.batch_size=3"]),
+        experiment_overrides=["model.num_classes=5"], storage_path=str(tmp_path / "elsewhere"), name="renamed",
+    )
+    assert cfg.experiment_overrides == ["data.batch_size=3", "model.num_classes=5"]
+    assert cfg.storage_path == str(tmp_path / "elsewhere") and cfg.name == "renamed"
+    for exp in (cfg.trial_config(), cfg.experiment_config()):
+        assert exp.model.num_classes == 5
+    # The trial overrides come last: they win over the experiment overrides, for the trials only.
+    assert cfg.trial_config().data.batch_size == 2 and cfg.experiment_config().data.batch_size == 3
+    with pytest.raises(ConfigError, match="model.num_clases"):
+        load_search_config(tmp_path / "s.yaml", experiment_overrides=["model.num_clases=5"])
+
+
 def test_experiment_path_is_relative_to_the_search_file(tmp_path):
     (tmp_path / "sub").mkdir()
     exp = tmp_path / "sub" / "exp.yaml"
@@ -171,11 +186,14 @@ def test_tune_space_and_concurrency(tmp_path):
 
 
 def _records() -> list[TrialRecord]:
+    def values(alpha: float, cls: float) -> dict[str, float]:
+        return {"model.oyor.alpha": alpha, "model.loss.cls": cls}
+
     return [
-        TrialRecord("a", {"model.oyor.alpha": 0.9, "model.loss.cls": 1.0}, {"AP": 0.30, "AP50": 0.5, "AP75": 0.3}, 6, COMPLETED),
-        TrialRecord("b", {"model.oyor.alpha": 0.1, "model.loss.cls": 2.0}, {"AP": 0.40, "AP50": 0.6, "AP75": 0.4}, 2, STOPPED),
-        TrialRecord("c", {"model.oyor.alpha": 0.5, "model.loss.cls": 0.7}, {"AP": 0.35, "AP50": 0.5, "AP75": 0.3}, 6, COMPLETED),
-        TrialRecord("d", {"model.oyor.alpha": 0.2, "model.loss.cls": 0.9}, {}, 0, FAILED, error="boom"),
+        TrialRecord("a", values(0.9, 1.0), {"AP": 0.30, "AP50": 0.5, "AP75": 0.3}, 6, COMPLETED),
+        TrialRecord("b", values(0.1, 2.0), {"AP": 0.40, "AP50": 0.6, "AP75": 0.4}, 2, STOPPED),
+        TrialRecord("c", values(0.5, 0.7), {"AP": 0.35, "AP50": 0.5, "AP75": 0.3}, 6, COMPLETED),
+        TrialRecord("d", values(0.2, 0.9), {}, 0, FAILED, error="boom"),
     ]
 
 
@@ -366,7 +384,9 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     )
     out = tmp_path / "searches" / "interrupted"
     uniinst = [sys.executable, "-m", "uniinst.cli", "tune", "--config", str(path)]
-    first = subprocess.Popen(uniinst, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        uniinst, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.time() + 400
     while not list(out.glob("trials/*/summary.json")) and time.time() < deadline and first.poll() is None:
         time.sleep(1)

@@ -87,9 +87,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from uniinst.ray.tune import collect_results, format_search_summary, run_search, search_uri
-    from uniinst.search.config import load_search_config, search_overrides
+    from uniinst.search.config import load_search_config
 
-    cfg = load_search_config(args.config, [*args.overrides, *search_overrides(args.storage_path, args.name)])
+    cfg = load_search_config(
+        args.config, args.overrides, experiment_overrides=args.experiment_overrides,
+        storage_path=args.storage_path, name=args.name,
+    )
     if args.collect:
         result = collect_results(cfg, search_uri(cfg), endpoint_url=cfg.trial_config().data.endpoint_url or None)
     else:
@@ -327,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--collect", action="store_true", help="only write the table, plots and best config so far")
     u.add_argument("--storage-path", help="where searches live: a folder or s3:// / gs:// URI (storage_path)")
     u.add_argument("--name", help="the search's folder name (name)")
+    u.add_argument(
+        "--set", dest="experiment_overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override the experiment for the trials and the best config (repeatable), "
+        "e.g. --set data.train.shards=s3://bucket/shards/train",
+    )
     u.add_argument("overrides", nargs="*", help="dotted overrides of the search config, e.g. search.num_samples=16")
     u.set_defaults(func=_cmd_tune)
 

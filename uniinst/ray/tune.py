@@ -108,7 +108,8 @@ def search_algorithm(cfg: SearchConfig, max_concurrent: int) -> Searcher | Searc
         from ray.tune.search.optuna import OptunaSearch
 
         return ConcurrencyLimiter(OptunaSearch(sampler=optuna.samplers.TPESampler(seed=s.seed)), max_concurrent)
-    return BasicVariantGenerator(random_state=s.seed if s.algorithm == "random" else None, max_concurrent=max_concurrent)
+    seed = s.seed if s.algorithm == "random" else None
+    return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
 
 
 def trial_scheduler(cfg: SearchConfig, trial: ExperimentConfig) -> TrialScheduler:
@@ -177,10 +178,11 @@ def _check_state_api() -> None:
     try:
         list_actors(limit=1, timeout=10, raise_on_missing_output=False)
     except Exception as exc:  # any failure means the same: no cleaner
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         logger.warning(
             "Ray's state API does not answer (%s): the resources of stopped trials are freed only "
             "when this search ends. Run the search on a cluster with its dashboard (ray start, "
-            "ray job submit) to free them as trials stop.", str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            "ray job submit) to free them as trials stop.", reason,
         )
 
 

@@ -14,8 +14,10 @@ keys, the search algorithm and the early-stopping scheduler::
     search: {algorithm: tpe, num_samples: 32}
     scheduler: {type: asha, reduction_factor: 3}
 
-``trial_overrides`` shape the trials only (a shorter schedule, say); the best configuration
-is written as the experiment with the best trial's values, ready to train in full. Every
+``experiment_overrides`` change the experiment itself (where its data lives, say) for the
+trials and the best configuration alike; ``trial_overrides`` shape the trials only (a
+shorter schedule); the best configuration is the experiment with the best trial's values,
+ready to train in full. Every
 key of the space is checked against the experiment's schema and its bounds against the
 experiment's own validation, so a typo fails before any trial starts.
 """
@@ -84,6 +86,7 @@ class SchedulerConfig:
 class SearchConfig:
     name: str = "search"
     experiment: str = ""
+    experiment_overrides: list[str] = field(default_factory=list)
     trial_overrides: list[str] = field(default_factory=list)
     storage_path: str = "outputs/searches"
     metric: Literal["AP", "AP50", "AP75"] = "AP"
@@ -99,13 +102,13 @@ class SearchConfig:
 
     def experiment_config(self) -> ExperimentConfig:
         """The experiment as written, without the trial overrides (the best config's base)."""
-        return load_config(self.experiment)
+        return load_config(self.experiment, self.experiment_overrides)
 
     def trial_config(self) -> ExperimentConfig:
         """The experiment every trial starts from: the trial overrides applied, and the log
         and checkpoint periods set to the eval period so that every report a trial makes
         carries the val metric the search acts on."""
-        cfg = load_config(self.experiment, self.trial_overrides)
+        cfg = load_config(self.experiment, [*self.experiment_overrides, *self.trial_overrides])
         period = cfg.train.eval_period
         cfg.train.log_period = period
         cfg.train.checkpoint_period = period
@@ -180,11 +183,21 @@ def check_search(cfg: SearchConfig) -> None:
         raise ConfigError("the trials' solver.max_iter is below their train.eval_period: no evaluation would run")
 
 
-def load_search_config(path: str | Path, overrides: Sequence[str] = ()) -> SearchConfig:
-    """Read a search YAML (with its ``base`` chain), apply dotted overrides
-    (``search.num_samples=4``) and check it against its experiment."""
+def load_search_config(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    experiment_overrides: Sequence[str] = (),
+    storage_path: str | None = None,
+    name: str | None = None,
+) -> SearchConfig:
+    """Read a search YAML (with its ``base`` chain), apply dotted overrides of the search
+    (``search.num_samples=4``), add ``experiment_overrides`` to the file's (dotted overrides
+    of the experiment: ``data.train.shards=s3://...``), set ``storage_path`` and ``name``
+    when given, and check it against its experiment."""
     path = Path(path)
     data = read_yaml(path)
+    overrides = [*overrides, *(f"{k}={v}" for k, v in (("storage_path", storage_path), ("name", name)) if v)]
     space = data.pop("space", None)
     experiment = data.get("experiment")
     try:
@@ -198,6 +211,7 @@ def load_search_config(path: str | Path, overrides: Sequence[str] = ()) -> Searc
                 nested = {part: nested}
             cfg = build_dataclass(SearchConfig, nested, base=cfg)
         cfg.space = parse_space(space)
+        cfg.experiment_overrides = [*cfg.experiment_overrides, *experiment_overrides]
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     if not cfg.experiment:
@@ -218,6 +232,7 @@ def search_to_dict(cfg: SearchConfig) -> dict[str, Any]:
     out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "space"}
     out["search"] = dataclasses.asdict(cfg.search)
     out["scheduler"] = dataclasses.asdict(cfg.scheduler)
+    out["experiment_overrides"] = list(cfg.experiment_overrides)
     out["trial_overrides"] = list(cfg.trial_overrides)
     out["space"] = {p.key: {p.kind: list(p.values)} for p in cfg.space}
     return out
@@ -225,13 +240,3 @@ def search_to_dict(cfg: SearchConfig) -> dict[str, Any]:
 
 def grid_size(space: Sequence[Param]) -> int:
     return math.prod(len(p.values) for p in space if p.kind == "grid")
-
-
-def search_overrides(storage_path: str | None = None, name: str | None = None) -> list[str]:
-    """The overrides that command-line options stand for."""
-    out = []
-    if storage_path:
-        out.append(f"storage_path={storage_path}")
-    if name:
-        out.append(f"name={name}")
-    return out
