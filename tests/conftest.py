@@ -33,6 +33,22 @@ TINY = [
 ]
 
 
+# The small model on 128-px synthetic shapes of a few images: a whole Ray job or search
+# trial in seconds on a 2-core machine.
+TINY_SYNTHETIC = [
+    "model.fpn_channels=32",
+    "model.head.num_groups=8",
+    "model.mask_branch.channels=32",
+    "data.synthetic_train_images=8",
+    "data.synthetic_val_images=4",
+    "data.synthetic_image_size=128",
+    "data.min_size_train=[128]",
+    "data.max_size_train=128",
+    "data.min_size_test=128",
+    "data.max_size_test=128",
+]
+
+
 def coco_tiny_root() -> Path | None:
     root = Path(os.environ.get("UNIINST_COCO_TINY", REPO.parent / "shared" / "data" / "coco_tiny"))
     return root if (root / "annotations").is_dir() else None

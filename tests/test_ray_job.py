@@ -19,22 +19,13 @@ import pytest
 
 pytest.importorskip("ray")
 
-from conftest import REPO, _free_port  # noqa: E402
+from conftest import REPO, TINY_SYNTHETIC, _free_port  # noqa: E402
 from uniinst.data.storage import filesystem_for, join  # noqa: E402
 
 pytestmark = pytest.mark.timeout(900)
 
 TINY_JOB = [
-    "model.fpn_channels=32",
-    "model.head.num_groups=8",
-    "model.mask_branch.channels=32",
-    "data.synthetic_train_images=8",
-    "data.synthetic_val_images=4",
-    "data.synthetic_image_size=128",
-    "data.min_size_train=[128]",
-    "data.max_size_train=128",
-    "data.min_size_test=128",
-    "data.max_size_test=128",
+    *TINY_SYNTHETIC,
     "data.batch_size=1",
     "solver.max_iter=4",
     "solver.warmup_iters=2",

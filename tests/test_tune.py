@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import CONFIGS, _free_port
+from conftest import CONFIGS, TINY_SYNTHETIC, _free_port
 from uniinst.config import ConfigError, load_config
 from uniinst.search.config import Param, load_search_config, search_to_dict
 from uniinst.search.results import (
@@ -40,16 +40,7 @@ pytestmark = pytest.mark.timeout(900)
 # Trials small enough for a 2-core machine: a narrow model on 128-px synthetic shapes, six
 # iterations with an evaluation every two.
 TINY_TRIAL = [
-    "model.fpn_channels=32",
-    "model.head.num_groups=8",
-    "model.mask_branch.channels=32",
-    "data.synthetic_train_images=8",
-    "data.synthetic_val_images=4",
-    "data.synthetic_image_size=128",
-    "data.min_size_train=[128]",
-    "data.max_size_train=128",
-    "data.min_size_test=128",
-    "data.max_size_test=128",
+    *TINY_SYNTHETIC,
     "data.batch_size=2",
     "data.num_workers=0",
     "solver.max_iter=6",
@@ -352,7 +343,8 @@ def test_small_search_writes_table_plots_and_a_best_config_that_trains(tmp_path,
     trained = train_local(
         load_config(
             out / "best_config.yaml",
-            [*TINY_TRIAL[:12], "solver.max_iter=2", "train.eval_period=0", f"train.output_dir={tmp_path / 'best'}"],
+            [*TINY_SYNTHETIC, "data.num_workers=0", "solver.max_iter=2", "train.eval_period=0",
+             f"train.output_dir={tmp_path / 'best'}"],
         )
     )
     assert trained.iteration == 2 and Path(trained.checkpoint).is_file()
@@ -398,6 +390,13 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     assert "continue it with --resume" in log
 
     done_before = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/summary.json")}
+    # The results so far, without running anything.
+    partial = subprocess.run(
+        [*uniinst, "--collect"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    states = [r["state"] for r in csv.DictReader((out / "results.csv").open())]
+    assert len(states) == 2 and states.count(COMPLETED) == len(done_before) and UNFINISHED in states
     again = subprocess.run([*uniinst, "--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     rows = list(csv.DictReader((out / "results.csv").open()))
