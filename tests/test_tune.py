@@ -379,12 +379,12 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     first = subprocess.Popen(
         uniinst, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    # One trial at a time: the second starts its run once Tune has recorded the first as done.
     deadline = time.time() + 400
-    while not list(out.glob("trials/*/summary.json")) and time.time() < deadline and first.poll() is None:
-        time.sleep(1)
-    finished = list(out.glob("trials/*/summary.json"))
-    assert finished, "no trial finished"
-    first.send_signal(signal.SIGINT)  # Ctrl-C
+    while len(list(out.glob("trials/*/config.yaml"))) < 2 and time.time() < deadline and first.poll() is None:
+        time.sleep(0.5)
+    assert len(list(out.glob("trials/*/summary.json"))) == 1, "the first trial did not finish"
+    first.send_signal(signal.SIGINT)  # Ctrl-C, while the second trial trains
     log, _ = first.communicate(timeout=180)
     assert first.returncode == 1, log[-3000:]
     assert "continue it with --resume" in log
