@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-ids", help="file of image ids to keep, one per line")
     p.add_argument("--categories", help="comma-separated category names or ids to keep")
     p.add_argument("--address", default="auto", help="Ray cluster address (default: the running one, else local)")
-    p.add_argument("--max-in-flight", type=int, help="shards converted at once (default: 2x the cluster CPUs)")
+    p.add_argument("--max-in-flight", type=int, help="shards converted at once (default: 2x the cluster CPUs, growing with the cluster)")
     p.add_argument("--max-retries", type=int, default=3, help="reruns of a shard whose task failed")
     return p
 

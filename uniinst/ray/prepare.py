@@ -58,7 +58,8 @@ def ray_executor(*, max_in_flight: int | None = None, max_retries: int = 3, num_
 
     Args:
         max_in_flight: shards submitted at once (default: twice the cluster's CPUs over
-            ``num_cpus``), so a huge plan does not flood the scheduler.
+            ``num_cpus``, counted again as results come in, so that it grows with an
+            autoscaling cluster), so a huge plan does not flood the scheduler.
         max_retries: how often a task is rerun after its worker dies or it raises an
             ``OSError`` (a store that failed to answer); bad input (ValueError) is final.
         num_cpus: CPUs reserved per task.
@@ -72,11 +73,12 @@ def ray_executor(*, max_in_flight: int | None = None, max_retries: int = 3, num_
             return
         connect()
         remote = ray.remote(num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=[OSError])(convert)
-        limit = max_in_flight or max(1, int(2 * ray.cluster_resources().get("CPU", 1) / num_cpus))
         waiting = list(reversed(tasks))
         pending: list[ray.ObjectRef] = []
         try:
             while waiting or pending:
+                # Read again as results come in: an autoscaling cluster grows with the demand.
+                limit = max_in_flight or max(1, int(2 * ray.cluster_resources().get("CPU", 0) / num_cpus))
                 while waiting and len(pending) < limit:
                     pending.append(remote.remote(waiting.pop()))
                 (done,), pending = ray.wait(pending, num_returns=1)
