@@ -131,7 +131,11 @@ def plot_metric(
                 continue
             xs = [categories.index(str(r.params[p.key])) if categories else float(r.params[p.key]) for r in group]
             ys = [100 * r.score(metric) for r in group]
-            ax.scatter(xs, ys, label=f"{state} ({len(group)})", edgecolors="tab:blue", color="tab:blue", **style)
+            label = f"{state} ({len(group)}{', at the iteration shown' if state == STOPPED else ''})"
+            ax.scatter(xs, ys, label=label, edgecolors="tab:blue", color="tab:blue", clip_on=False, **style)
+            if state == STOPPED:
+                for x, y, r in zip(xs, ys, group):
+                    ax.annotate(str(r.iteration), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
         if categories:
             ax.set_xticks(range(len(categories)), categories)
         elif p.kind in ("uniform", "loguniform"):
@@ -147,8 +151,8 @@ def plot_metric(
                 ax.set_xlim(low - pad, high + pad)
             ticks = np.geomspace(low, high, 5) if log else np.linspace(low, high, 5)
             ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
-        top = max((100 * r.score(metric) for r in shown), default=0.0)
-        ax.set_ylim(0, max(top * 1.1, 1.0))
+        top = max(max((100 * r.score(metric) for r in shown), default=0.0) * 1.1, 1.0)
+        ax.set_ylim(-0.02 * top, top)
         ax.set_xlabel(p.key)
         ax.set_ylabel(f"val mask {metric} (%)")
         ax.set_title(f"{metric} against {p.key} ({len(shown)} trials)")
