@@ -86,7 +86,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from uniinst.ray.tune import collect_results, format_search_summary, run_search, search_uri
+    from uniinst.ray.tune import collect_results, format_search_summary, run_search
     from uniinst.search.config import load_search_config
 
     cfg = load_search_config(
@@ -94,7 +94,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         storage_path=args.storage_path, name=args.name,
     )
     if args.collect:
-        result = collect_results(cfg, search_uri(cfg), endpoint_url=cfg.trial_config().data.endpoint_url or None)
+        result = collect_results(cfg)
     else:
         result = run_search(cfg, resume=args.resume)
     print("\n" + format_search_summary(result, cfg))

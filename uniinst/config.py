@@ -349,13 +349,20 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         cfg = build_dataclass(ExperimentConfig, data)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    cfg = apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
+    """The config dataclass ``cfg`` updated in place by dotted ``key=value`` overrides, each
+    checked like the file; errors name the override."""
     for text in overrides:
         keys, value = parse_override(text)
         try:
-            cfg = build_dataclass(ExperimentConfig, _nest(keys, value), base=cfg)
+            cfg = build_dataclass(type(cfg), _nest(keys, value), base=cfg)
         except ConfigError as exc:
             raise ConfigError(f"override {text!r}: {exc}") from None
-    validate(cfg)
     return cfg
 
 

@@ -16,12 +16,17 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 
+def absolute(uri: str) -> str:
+    """A URI as it is; a local path made absolute (``~`` expanded)."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
 def split_uri(uri: str) -> tuple[str, str]:
     """``("s3", "bucket/key")`` for ``s3://bucket/key``; ``("file", "/abs/path")`` for a local path."""
     if "://" in uri:
         protocol, path = uri.split("://", 1)
         return protocol, path
-    return "file", os.path.abspath(os.path.expanduser(uri))
+    return "file", absolute(uri)
 
 
 def filesystem_for(uri: str, *, endpoint_url: str | None = None, **options: Any) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -55,7 +55,15 @@ from uniinst.data.coco import CocoDataset
 from uniinst.data.dataset import InstanceSegDataset, build_train_loader
 from uniinst.data.prepare import prepare_dataset, read_image_ids, redact_uri
 from uniinst.data.shards import Manifest, read_manifest
-from uniinst.data.storage import arrow_filesystem_for, download_file, exists, filesystem_for, join, upload_file
+from uniinst.data.storage import (
+    absolute,
+    arrow_filesystem_for,
+    download_file,
+    exists,
+    filesystem_for,
+    join,
+    upload_file,
+)
 from uniinst.data.synthetic import generate_synthetic_coco
 from uniinst.data.transforms import TrainTransform
 from uniinst.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
@@ -100,11 +108,9 @@ def run_location(cfg: ExperimentConfig) -> RunLocation:
     ``train.output_dir`` when no storage path is set."""
     r = cfg.ray
     if r.storage_path:
-        base, name = r.storage_path, r.name or cfg.name
-        if "://" not in base:
-            base = os.path.abspath(os.path.expanduser(base))
+        base, name = absolute(r.storage_path), r.name or cfg.name
     else:
-        out = os.path.abspath(os.path.expanduser(cfg.train.output_dir))
+        out = absolute(cfg.train.output_dir)
         base, name = os.path.dirname(out), r.name or os.path.basename(out)
     if not name or "/" in name:
         raise ValueError(f"the run name must be a non-empty folder name, got {name!r} (set ray.name)")

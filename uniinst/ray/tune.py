@@ -37,7 +37,7 @@ from ray.tune.search import BasicVariantGenerator, Searcher, SearchAlgorithm
 
 from uniinst.config import ExperimentConfig, apply_values, config_from_dict, to_dict
 from uniinst.data.prepare import redact_uri
-from uniinst.data.storage import arrow_filesystem_for, join, upload_file
+from uniinst.data.storage import absolute, arrow_filesystem_for, join, upload_file
 from uniinst.search.config import Param, SearchConfig, search_to_dict
 from uniinst.search.results import (
     TrialRecord,
@@ -75,12 +75,9 @@ class SearchResult:
 
 
 def search_uri(cfg: SearchConfig) -> str:
-    base = cfg.storage_path
-    if "://" not in base:
-        base = str(Path(base).expanduser().resolve())
     if not cfg.name or "/" in cfg.name:
         raise ValueError(f"the search name must be a non-empty folder name, got {cfg.name!r}")
-    return join(base, cfg.name)
+    return join(absolute(cfg.storage_path), cfg.name)
 
 
 def tune_space(space: list[Param]) -> dict[str, Any]:
@@ -150,8 +147,8 @@ def concurrency(cfg: SearchConfig, trial: ExperimentConfig, cluster: dict[str, f
 
 @dataclass
 class TrialSetup:
-    """What every trial's driver needs: the experiment (trial overrides applied), where the
-    trials' runs go, and the object-storage endpoint."""
+    """What every trial's driver needs: the experiment (trial overrides applied; it names
+    the object-storage endpoint) and where the trials' runs go."""
 
     config: dict[str, Any]
     trials_uri: str
@@ -246,14 +243,17 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> SearchResult:
             ),
         )
     tuner.fit()
-    return collect_results(cfg, uri, endpoint_url=endpoint)
+    return collect_results(cfg)
 
 
-def collect_results(cfg: SearchConfig, uri: str, *, endpoint_url: str | None = None) -> SearchResult:
+def collect_results(cfg: SearchConfig) -> SearchResult:
     """Read the search's Tune state and write its table, plots and best config."""
+    uri = search_uri(cfg)
+    trial = cfg.trial_config()
+    endpoint_url = trial.data.endpoint_url or None
     fs, storage = arrow_filesystem_for(uri, endpoint_url=endpoint_url)
     analysis = tune.ExperimentAnalysis(f"{storage}/{TUNE_DIR}", storage_filesystem=fs)
-    max_iter = cfg.trial_config().solver.max_iter
+    max_iter = trial.solver.max_iter
     records = []
     for t in analysis.trials:
         last = t.last_result or {}

@@ -25,7 +25,6 @@ experiment's own validation, so a typo fails before any trial starts.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -33,6 +32,7 @@ from typing import Any, Literal, Mapping, Sequence
 from uniinst.config import (
     ConfigError,
     ExperimentConfig,
+    apply_overrides,
     apply_values,
     build_dataclass,
     load_config,
@@ -201,15 +201,10 @@ def load_search_config(
     space = data.pop("space", None)
     experiment = data.get("experiment")
     try:
-        cfg = build_dataclass(SearchConfig, data)
         for text in overrides:
-            keys, value = parse_override(text)
-            if keys == ["space"] or keys[:1] == ["space"]:
+            if parse_override(text)[0][0] == "space":
                 raise ConfigError(f"override {text!r}: change the space in the YAML file")
-            nested: Any = value
-            for part in reversed(keys):
-                nested = {part: nested}
-            cfg = build_dataclass(SearchConfig, nested, base=cfg)
+        cfg = apply_overrides(build_dataclass(SearchConfig, data), overrides)
         cfg.space = parse_space(space)
         cfg.experiment_overrides = [*cfg.experiment_overrides, *experiment_overrides]
     except ConfigError as exc:
@@ -229,14 +224,6 @@ def load_search_config(
 
 def search_to_dict(cfg: SearchConfig) -> dict[str, Any]:
     """The search as YAML-ready data (the form :func:`load_search_config` reads)."""
-    out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "space"}
-    out["search"] = dataclasses.asdict(cfg.search)
-    out["scheduler"] = dataclasses.asdict(cfg.scheduler)
-    out["experiment_overrides"] = list(cfg.experiment_overrides)
-    out["trial_overrides"] = list(cfg.trial_overrides)
+    out = dataclasses.asdict(cfg)
     out["space"] = {p.key: {p.kind: list(p.values)} for p in cfg.space}
     return out
-
-
-def grid_size(space: Sequence[Param]) -> int:
-    return math.prod(len(p.values) for p in space if p.kind == "grid")
