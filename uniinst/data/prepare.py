@@ -24,7 +24,6 @@ import os
 import re
 import tempfile
 import time
-import urllib.parse
 import uuid
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -48,6 +47,7 @@ from uniinst.data.shards import (
     shard_name,
 )
 from uniinst.data.storage import filesystem_for, join
+from uniinst.redact import redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +60,6 @@ _ON_ERROR_MODES = ("raise", "skip")
 _ROWS_PER_GROUP = 64
 # Concurrent image reads per shard: object stores answer one request slowly but many at once.
 _FETCH_THREADS = 8
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` as it may be logged or stored: without ``user:pass@``, query string or fragment
-    (signed URLs carry their keys in the query). Local paths are returned unchanged."""
-    if "://" not in uri:
-        return uri
-    parts = urllib.parse.urlsplit(uri)
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,11 @@ import random
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,44 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+
+
+def model_weights(state: Any, source: str | Path) -> Mapping[str, torch.Tensor]:
+    """The model weights of a loaded checkpoint: its ``model`` entry, or the checkpoint itself
+    when it is a plain state dict (name -> tensor)."""
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        return state["model"]
+    if isinstance(state, Mapping) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return state
+    keys = ", ".join(sorted(map(str, state))[:6]) if isinstance(state, Mapping) else type(state).__name__
+    raise ValueError(f"{source}: not a model checkpoint (no 'model' weights; it holds {keys})")
+
+
+def load_model_weights(model: nn.Module, state: Any, source: str | Path) -> None:
+    """Load a checkpoint's weights into ``model`` strictly; a checkpoint of another
+    architecture or class count is an error that names the checkpoint and the keys that differ."""
+    weights = model_weights(state, source)
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    reshaped = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if reshaped:
+        k = reshaped[0]
+        problems.append(
+            f"{len(reshaped)} weights differ in shape (first: {k} is {list(weights[k].shape)} in the checkpoint, "
+            f"{list(own[k].shape)} in the model)"
+        )
+    if missing:
+        problems.append(f"{len(missing)} weights are missing (first: {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} weights are not in the model (first: {unexpected[0]})")
+    if problems:
+        raise ValueError(
+            f"{source} does not fit the configured model: {'; '.join(problems)}. "
+            "Is it a checkpoint of another architecture or class count (model.*)?"
+        )
+    model.load_state_dict(weights)
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:

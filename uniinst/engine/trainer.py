@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from uniinst.config import ExperimentConfig, to_dict
-from uniinst.engine.checkpoint import rng_state, set_rng_state
+from uniinst.engine.checkpoint import load_model_weights, rng_state, set_rng_state
 from uniinst.engine.lr_schedule import build_lr_scheduler, scaled_lr
 from uniinst.structures import Batch
 
@@ -133,8 +133,8 @@ class Trainer:
             "meta": self.meta,
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+    def load_state_dict(self, state: Mapping[str, Any], *, source: str = "the checkpoint") -> None:
+        load_model_weights(self.model, state, source)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from uniinst.data.coco import CocoRecord
 from uniinst.data.collate import make_targets, padded_size
-from uniinst.data.prepare import redact_uri
+from uniinst.redact import redact_uri
 from uniinst.data.shards import SHARD_SCHEMA, Manifest, decode_row, read_manifest, shard_uris
 from uniinst.data.storage import filesystem_for
 from uniinst.structures import Batch, Sample, Targets

@@ -25,7 +25,7 @@ from pycocotools.coco import COCO
 
 from uniinst.config import config_from_dict
 from uniinst.data.collate import collate
-from uniinst.data.prepare import redact_uri
+from uniinst.redact import redact_uri
 from uniinst.data.shards import Manifest, decode_row, read_manifest, shard_uris
 from uniinst.data.storage import filesystem_for
 from uniinst.data.transforms import EvalTransform

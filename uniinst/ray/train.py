@@ -53,7 +53,7 @@ from ray.train.torch import TorchTrainer
 from uniinst.config import ExperimentConfig, config_from_dict, dump_config, to_dict
 from uniinst.data.coco import CocoDataset
 from uniinst.data.dataset import InstanceSegDataset, build_train_loader
-from uniinst.data.prepare import prepare_dataset, read_image_ids, redact_uri
+from uniinst.data.prepare import prepare_dataset, read_image_ids
 from uniinst.data.shards import Manifest, read_manifest
 from uniinst.data.storage import (
     absolute,
@@ -74,6 +74,7 @@ from uniinst.evaluation.coco_eval import evaluate_segm, format_table, write_repo
 from uniinst.evaluation.coco_results import save_results
 from uniinst.evaluation.inference import predict_dataset
 from uniinst.modeling.uniinst import build_model
+from uniinst.redact import redact_uri
 from uniinst.ray.data import iter_train_batches
 from uniinst.ray.evaluate import coco_from_dict, gt_from_shards, label_to_category, predict_shards_here, resolve_categories
 from uniinst.ray.prepare import connect, ray_executor

@@ -36,7 +36,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, Searcher, SearchAlgorithm
 
 from uniinst.config import ExperimentConfig, apply_values, config_from_dict, to_dict
-from uniinst.data.prepare import redact_uri
+from uniinst.redact import redact_uri
 from uniinst.data.storage import absolute, arrow_filesystem_for, join, upload_file
 from uniinst.search.config import Param, SearchConfig, search_to_dict
 from uniinst.search.results import (
