@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
+
+from uniinst.redact import Redactor, credentials_in
 
 logger = logging.getLogger("uniinst")
 
@@ -143,50 +147,64 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         if not args.checkpoint:
             raise SystemExit("uniinst evaluate needs --checkpoint (or --gt and --results)")
-        import torch
-
-        from uniinst.config import load_config
-        from uniinst.data.coco import CocoDataset
-        from uniinst.engine.local import eval_transform, load_model_for_inference
-        from uniinst.engine.trainer import resolve_device
-        from uniinst.evaluation.inference import evaluate_model
-
-        device = resolve_device(args.device)
-        cfg = load_config(args.config, args.overrides) if args.config else None
-        model, cfg = load_model_for_inference(args.checkpoint, device=device, cfg=cfg)
-        gt = args.gt or cfg.data.val.json
-        images = args.images or cfg.data.val.images
-        if not gt:
-            raise SystemExit("no ground truth: pass --gt GT.json --images DIR, or a config with data.val")
-        with torch.inference_mode():
-            metrics = evaluate_model(
-                model, CocoDataset(gt, images), out, transform=eval_transform(cfg), device=device,
-                extra={"checkpoint": str(args.checkpoint), "gt": str(gt)},
-            )
+        metrics = _evaluate_checkpoint(args, out)
     print(format_table(metrics))
     print(f"written: {out / 'metrics.json'}, {out / 'metrics.md'}")
     return 0
 
 
+def _load_inference_model(args: argparse.Namespace):
+    """The checkpoint's model on the chosen device, with ``--config`` (else the stored
+    config) and the command's overrides."""
+    from uniinst.engine.local import load_model_for_inference
+    from uniinst.engine.trainer import resolve_device
+
+    device = resolve_device(args.device)
+    return load_model_for_inference(args.checkpoint, device=device, config=args.config, overrides=args.overrides)
+
+
+def _evaluate_checkpoint(args: argparse.Namespace, out: Path) -> dict[str, float]:
+    """Mask AP of ``--checkpoint`` on a COCO JSON (``--gt``/``--images`` or the config's data.val)."""
+    import torch
+
+    from uniinst.data.coco import CocoDataset
+    from uniinst.engine.local import eval_transform
+    from uniinst.evaluation.inference import evaluate_model
+
+    loaded = _load_inference_model(args)
+    cfg = loaded.cfg
+    gt = args.gt or cfg.data.val.json
+    images = args.images or cfg.data.val.images
+    if not gt:
+        raise SystemExit("no ground truth: pass --gt GT.json --images DIR, or a config with data.val")
+    device = next(loaded.model.parameters()).device
+    with torch.inference_mode():
+        return evaluate_model(
+            loaded.model, CocoDataset(gt, images), out, transform=eval_transform(cfg), device=device,
+            extra={"checkpoint": str(args.checkpoint), "gt": str(gt)},
+        )
+
+
 def _evaluate_on_shards(args: argparse.Namespace, out: Path) -> dict[str, float]:
     """A Ray Data job over the shard dataset ``args.shards``: the ground truth comes from the
-    shards, inference from ``args.replicas`` model replicas."""
+    shards, inference from ``args.replicas`` model replicas. The checkpoint is checked
+    against its config here, before any Ray task starts."""
+    from uniinst.config import to_dict
     from uniinst.data.prepare import parse_categories, read_image_ids
-    from uniinst.engine.checkpoint import load_checkpoint
-    from uniinst.engine.trainer import resolve_device
     from uniinst.ray.data import ensure_ray
     from uniinst.ray.evaluate import evaluate_shards
 
-    checkpoint = load_checkpoint(args.checkpoint)
-    if args.config:
-        from uniinst.config import load_config, to_dict
-
-        checkpoint["config"] = to_dict(load_config(args.config, args.overrides))
-    use_gpu = resolve_device(args.device).type == "cuda"
+    loaded = _load_inference_model(args)
+    use_gpu = next(loaded.model.parameters()).device.type == "cuda"
+    state = {
+        "model": {k: v.cpu() for k, v in loaded.model.state_dict().items()},
+        "config": to_dict(loaded.cfg),
+        "meta": {"class_names": loaded.class_names},
+    }
     ensure_ray()
     return evaluate_shards(
         args.shards,
-        checkpoint,
+        state,
         out,
         endpoint_url=args.endpoint_url,
         image_ids=read_image_ids(args.image_ids, endpoint_url=args.endpoint_url) if args.image_ids else None,
@@ -198,34 +216,45 @@ def _evaluate_on_shards(args: argparse.Namespace, out: Path) -> dict[str, float]
     )
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
+
+
+def split_overrides(tokens: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``key.sub=value`` tokens apart from the others (image paths); a token that names an
+    existing file is a path even if it looks like an override."""
+    overrides = [t for t in tokens if _OVERRIDE.match(t) and not Path(t).exists()]
+    return [t for t in tokens if t not in overrides], overrides
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """An image file as uint8 RGB, turned as its EXIF orientation says (as a viewer shows it)."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from exc
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from uniinst.config import load_config
-    from uniinst.data.collate import collate
     from uniinst.data.coco import CocoRecord
-    from uniinst.data.transforms import EvalTransform
-    from uniinst.engine.local import load_model_for_inference
-    from uniinst.engine.trainer import resolve_device
+    from uniinst.data.collate import collate
+    from uniinst.engine.local import eval_transform
     from uniinst.visualize import save_visualization
 
-    device = resolve_device(args.device)
-    cfg = load_config(args.config, args.overrides) if args.config else None
-    model, cfg = load_model_for_inference(args.checkpoint, device=device, cfg=cfg)
-    class_names = args.class_names.split(",") if args.class_names else [str(i) for i in range(cfg.model.num_classes)]
-    if args.class_names is None and "class_names" in (meta := _checkpoint_meta(args.checkpoint)):
-        class_names = meta["class_names"]
-    transform = EvalTransform(short_edge=cfg.data.min_size_test, max_size=cfg.data.max_size_test)
+    paths, args.overrides = split_overrides(args.inputs)
+    if not paths:
+        raise SystemExit("uniinst predict: name at least one image")
+    loaded = _load_inference_model(args)
+    class_names = args.class_names.split(",") if args.class_names else loaded.class_names
+    device = next(loaded.model.parameters()).device
+    transform = eval_transform(loaded.cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    for path in args.images:
-        path = Path(path)
-        try:
-            with Image.open(path) as im:
-                image = np.asarray(im.convert("RGB"))
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read image {path}: {exc}") from exc
+    for path in map(Path, paths):
+        image = read_rgb(path)
         h, w = image.shape[:2]
         record = CocoRecord(
             image=image, masks=np.zeros((0, h, w), np.uint8), labels=np.zeros(0, np.int64),
@@ -233,7 +262,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         )
         batch = collate([transform(record, rng)])
         with torch.inference_mode():
-            (inst,) = model(batch.images.to(device), batch.image_sizes, orig_sizes=batch.orig_sizes)
+            (inst,) = loaded.model(batch.images.to(device), batch.image_sizes, orig_sizes=batch.orig_sizes)
         inst = inst.to("cpu")
         dest = save_visualization(image, inst, class_names, out / f"{path.stem}.png", score_thresh=args.score_thresh)
         shown = int((inst.scores >= args.score_thresh).sum())
@@ -264,12 +293,6 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     )
     print(format_summary(manifest, args.out))
     return 0
-
-
-def _checkpoint_meta(path: str | Path) -> dict:
-    from uniinst.engine.checkpoint import load_checkpoint
-
-    return load_checkpoint(path).get("meta", {})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,28 +379,67 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_evaluate)
 
     r = sub.add_parser("predict", help="draw predicted masks on images as PNG files")
-    r.add_argument("images", nargs="+", help="image files")
+    r.add_argument(
+        "inputs", nargs="+", metavar="IMAGE_OR_OVERRIDE",
+        help="image files, then any dotted config overrides, e.g. model.inference.score_thresh=0.2",
+    )
     r.add_argument("--checkpoint", required=True)
     r.add_argument("--config", help="config (default: the one stored in the checkpoint)")
     r.add_argument("--out", required=True, help="output folder for the PNGs")
     r.add_argument("--score-thresh", type=float, default=0.3)
     r.add_argument("--class-names", help="comma-separated class names (default: from the checkpoint)")
     r.add_argument("--device", default="auto")
-    r.add_argument("--overrides", nargs="*", default=[], help="dotted config overrides")
     r.set_defaults(func=_cmd_predict)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from uniinst.config import ConfigError
+# The optional dependencies of the "ray" extra: shards, object storage, Ray Train/Data/Tune.
+_RAY_EXTRA = {"ray", "pyarrow", "fsspec", "s3fs", "aiobotocore", "optuna"}
+# Errors that the input (arguments, configs, files, data) causes: one line, exit code 2.
+_INPUT_ERRORS = (ValueError, OSError)
 
-    args = build_parser().parse_args(argv)
+
+def _parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The arguments, with overrides (and for predict, images) also after the options:
+    argparse takes a command's positionals only in one run."""
+    args, extra = parser.parse_known_args(argv)
+    target = "inputs" if hasattr(args, "inputs") else "overrides"
+    stray = [t for t in extra if t.startswith("-") or (target == "overrides" and not _OVERRIDE.match(t))]
+    if stray or (extra and not hasattr(args, target)):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    getattr(args, target, []).extend(extra)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse_args(build_parser(), argv)
+    redact = Redactor(credentials_in(argv))
     _setup_logging(args.verbose)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redact)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"uniinst {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in _RAY_EXTRA:
+            return _crash(args.command, redact)
+        message = f"this needs the 'ray' extra ({exc}): pip install 'uniinst[ray]'"
+    except _INPUT_ERRORS as exc:
+        message = str(exc) or type(exc).__name__
+    except KeyboardInterrupt:
+        print(f"uniinst {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        return _crash(args.command, redact)
+    print(f"uniinst {args.command}: error: {redact(message)}", file=sys.stderr)
+    return 2
+
+
+def _crash(command: str, redact: Redactor) -> int:
+    """An error of ours, not of the input: the whole traceback, with no credentials in it."""
+    print(redact(traceback.format_exc()), file=sys.stderr, end="")
+    print(f"uniinst {command}: internal error (the traceback above); please report it", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

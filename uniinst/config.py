@@ -18,6 +18,8 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from uniinst.redact import has_credentials
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
@@ -379,9 +381,14 @@ def apply_values(cfg: ExperimentConfig, values: Mapping[str, Any]) -> Experiment
     return out
 
 
-def config_from_dict(data: Mapping[str, Any]) -> ExperimentConfig:
-    """Build a config from a plain mapping (for example one stored in a checkpoint)."""
-    cfg = build_dataclass(ExperimentConfig, data)
+def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = (), *, source: str = "") -> ExperimentConfig:
+    """Build a config from a plain mapping (for example one stored in a checkpoint, named
+    ``source`` in errors), then apply dotted ``overrides`` and validate."""
+    try:
+        cfg = build_dataclass(ExperimentConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
+    cfg = apply_overrides(cfg, overrides)
     validate(cfg)
     return cfg
 
@@ -397,26 +404,122 @@ def dump_config(cfg: ExperimentConfig, path: str | Path) -> Path:
     return path
 
 
+def _positive(x: float) -> bool:
+    return x > 0
+
+
+def _non_negative(x: float) -> bool:
+    return x >= 0
+
+
+def _fraction(x: float) -> bool:
+    return 0.0 <= x <= 1.0
+
+
+def _open_fraction(x: float) -> bool:
+    return 0.0 < x < 1.0
+
+
+def _increasing_positive(xs: Sequence[float]) -> bool:
+    return all(x > 0 for x in xs) and all(b > a for a, b in zip(xs, xs[1:]))
+
+
+# Range checks of single values: (dotted key, test, what the key must be).
+_RANGES: list[tuple[str, Any, str]] = [
+    ("model.num_classes", _positive, "> 0"),
+    ("model.fpn_channels", _positive, "> 0"),
+    ("model.head.num_convs", _non_negative, ">= 0"),
+    ("model.head.prior_prob", _open_fraction, "in (0, 1)"),
+    ("model.head.num_groups", _positive, "> 0"),
+    ("model.mask_branch.channels", _positive, "> 0"),
+    ("model.mask_branch.num_convs", _non_negative, ">= 0"),
+    ("model.mask_branch.out_channels", _positive, "> 0"),
+    ("model.mask_head.channels", _positive, "> 0"),
+    ("model.mask_head.num_layers", _positive, "> 0"),
+    ("model.mask_head.sizes_of_interest", _increasing_positive, "positive and increasing"),
+    ("model.mask_head.mask_out_stride", _positive, "> 0"),
+    ("model.mask_head.max_instances", _positive, "> 0"),
+    ("model.max_filter.kernel", lambda k: k > 0 and k % 2 == 1, "a positive odd number"),
+    ("model.max_filter.tau", _non_negative, ">= 0"),
+    ("model.oyor.alpha", _fraction, "in [0, 1]"),
+    ("model.oyor.radius", _positive, "> 0"),
+    ("model.oyor.max_candidates", _positive, "> 0"),
+    ("model.aux.topk", _positive, "> 0"),
+    ("model.fcos.sizes_of_interest", _increasing_positive, "positive and increasing"),
+    ("model.fcos.radius", _positive, "> 0"),
+    ("model.loss.cls", _non_negative, ">= 0"),
+    ("model.loss.mask", _non_negative, ">= 0"),
+    ("model.loss.rank", _non_negative, ">= 0"),
+    ("model.loss.aux", _non_negative, ">= 0"),
+    ("model.loss.focal_alpha", _fraction, "in [0, 1]"),
+    ("model.loss.focal_gamma", _non_negative, ">= 0"),
+    ("model.inference.topk_per_level", _positive, "> 0"),
+    ("model.inference.score_thresh", _fraction, "in [0, 1]"),
+    ("model.inference.max_detections", _positive, "> 0"),
+    ("model.inference.mask_thresh", _open_fraction, "in (0, 1)"),
+    ("model.inference.nms_iou", lambda x: 0.0 < x <= 1.0, "in (0, 1]"),
+    ("model.pixel_std", lambda xs: all(x > 0 for x in xs), "positive"),
+    ("data.min_size_train", lambda xs: all(x > 0 for x in xs), "positive"),
+    ("data.max_size_train", _positive, "> 0"),
+    ("data.min_size_test", _positive, "> 0"),
+    ("data.max_size_test", _positive, "> 0"),
+    ("data.flip_prob", _fraction, "in [0, 1]"),
+    ("data.batch_size", _positive, ">= 1"),
+    ("data.num_workers", _non_negative, ">= 0"),
+    ("data.shuffle_buffer", _non_negative, ">= 0"),
+    ("data.synthetic_train_images", _non_negative, ">= 0"),
+    ("data.synthetic_val_images", _non_negative, ">= 0"),
+    ("data.synthetic_image_size", lambda x: x >= 32, ">= 32"),
+    ("solver.base_lr", _positive, "> 0"),
+    ("solver.reference_batch_size", _positive, ">= 1"),
+    ("solver.momentum", lambda x: 0.0 <= x < 1.0, "in [0, 1)"),
+    ("solver.weight_decay", _non_negative, ">= 0"),
+    ("solver.max_iter", _positive, ">= 1"),
+    ("solver.steps", lambda xs: all(x > 0 for x in xs) and all(b > a for a, b in zip(xs, xs[1:])), "positive and increasing"),
+    ("solver.gamma", _positive, "> 0"),
+    ("solver.warmup_iters", _non_negative, ">= 0"),
+    ("solver.warmup_factor", lambda x: 0.0 < x <= 1.0, "in (0, 1]"),
+    ("solver.clip_grad_norm", _non_negative, ">= 0 (0: no clipping)"),
+    ("train.checkpoint_period", _non_negative, ">= 0 (0: only at the end)"),
+    ("train.eval_period", _non_negative, ">= 0 (0: only at the end)"),
+    ("train.log_period", _positive, ">= 1"),
+    ("train.keep_checkpoints", _non_negative, ">= 0 (0: keep all)"),
+    ("ray.num_workers", _positive, ">= 1"),
+    ("ray.cpus_per_worker", _positive, "> 0"),
+    ("ray.gpus_per_worker", _positive, "> 0"),
+    ("ray.max_failures", lambda x: x >= -1, ">= -1 (-1: retry forever)"),
+]
+
+
+def _value(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def validate(cfg: ExperimentConfig) -> None:
-    """Checks across fields that the types alone cannot express."""
-    m, s = cfg.model, cfg.solver
+    """Checks that the types alone cannot express: the range of each value, then the
+    relations between values. Errors name the key and the value."""
+    for key, ok, what in _RANGES:
+        value = _value(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key} must be {what}, got {value!r}")
+    m = cfg.model
     checks = [
-        (m.num_classes >= 1, "model.num_classes must be >= 1"),
-        (0.0 <= m.oyor.alpha <= 1.0, "model.oyor.alpha must lie in [0, 1]"),
         (m.fpn_channels % m.head.num_groups == 0, "model.fpn_channels must be divisible by model.head.num_groups"),
         (len(m.mask_head.sizes_of_interest) == 5, "model.mask_head.sizes_of_interest needs 5 values (P3-P7)"),
         (len(m.fcos.sizes_of_interest) == 4, "model.fcos.sizes_of_interest needs 4 boundaries"),
         (len(m.pixel_mean) == 3 and len(m.pixel_std) == 3, "model.pixel_mean/pixel_std need 3 values"),
         (0 <= m.backbone.freeze_at <= 2, "model.backbone.freeze_at must be 0, 1 or 2"),
-        (all(b > a for a, b in zip(s.steps, s.steps[1:])), "solver.steps must increase"),
-        (s.max_iter >= 1, "solver.max_iter must be >= 1"),
-        (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
         (len(cfg.data.min_size_train) >= 1, "data.min_size_train needs at least one size"),
-        (cfg.train.checkpoint_period >= 0 and cfg.train.eval_period >= 0, "train periods must be >= 0"),
-        (cfg.ray.num_workers >= 1, "ray.num_workers must be >= 1"),
-        (0 <= cfg.ray.min_workers <= cfg.ray.num_workers, "ray.min_workers must lie in [0, ray.num_workers]"),
-        (cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker must be > 0"),
-        (cfg.ray.max_failures >= -1, "ray.max_failures must be >= -1 (-1: retry forever)"),
+        (
+            0 <= cfg.ray.min_workers <= cfg.ray.num_workers,
+            f"ray.min_workers must lie in [0, ray.num_workers={cfg.ray.num_workers}], got {cfg.ray.min_workers}",
+        ),
+        (
+            not has_credentials(cfg.data.endpoint_url),
+            "data.endpoint_url must not carry credentials (user:password@): they come from the environment",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -6,6 +6,7 @@ quote such a URI whole. Everything that leaves the process as text goes through 
 
 from __future__ import annotations
 
+import logging
 import re
 import urllib.parse
 
@@ -24,8 +25,48 @@ def redact_uri(uri: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
 
 
+def has_credentials(uri: str) -> bool:
+    """Whether ``uri`` names a user or password (``scheme://user:pass@host``)."""
+    return "://" in uri and "@" in urllib.parse.urlsplit(uri).netloc
+
+
 def redact_text(text: str) -> str:
     """``text`` with the credentials and query strings of every URL in it removed (for error
     messages that quote a URI, ours or a library's)."""
     text = _USERINFO.sub(r"\g<scheme>", text)
     return _QUERY.sub(r"\g<url>", text)
+
+
+def credentials_in(texts: list[str]) -> list[str]:
+    """The ``user:pass`` parts of the URIs that ``texts`` hold (command-line arguments, say),
+    so that messages quoting them in any form can be cleaned."""
+    found = []
+    for text in texts:
+        for match in re.finditer(r"[A-Za-z][A-Za-z0-9+.-]*://([^/\s'\"@]+)@", text):
+            userinfo = match.group(1)
+            found.append(userinfo)
+            password = userinfo.partition(":")[2]
+            if len(password) >= 6:  # shorter strings stand in ordinary words too
+                found.append(password)
+    return found
+
+
+class Redactor(logging.Filter):
+    """Removes credentials from text: those of every URL in it, and the given ``secrets``
+    wherever they stand (a library may quote a bucket path without its scheme). As a logging
+    filter it cleans every record's message."""
+
+    def __init__(self, secrets: list[str] = ()) -> None:
+        super().__init__()
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        text = redact_text(text)
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self(record.getMessage())
+        record.args = None
+        return True

@@ -15,6 +15,11 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from uniinst.redact import has_credentials, redact_uri
+
+
+_CLOUD_STORES = ("s3", "s3a", "gs", "gcs")
+
 
 def absolute(uri: str) -> str:
     """A URI as it is; a local path made absolute (``~`` expanded)."""
@@ -34,12 +39,31 @@ def filesystem_for(uri: str, *, endpoint_url: str | None = None, **options: Any)
     protocol, path = split_uri(uri)
     if protocol == "file":
         return LocalFileSystem(), path
+    if protocol in _CLOUD_STORES and has_credentials(uri):
+        # s3fs and gcsfs would take "user:pass@bucket" for a bucket name and quote it in errors.
+        raise ValueError(
+            f"{redact_uri(uri)}: a {protocol}:// URI must not carry credentials (user:password@); "
+            "they come from the environment, a profile or the instance's role"
+        )
     if protocol in ("s3", "s3a"):
-        endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        endpoint_url = s3_endpoint(endpoint_url)
         if endpoint_url:
             options.setdefault("client_kwargs", {})["endpoint_url"] = endpoint_url
         return fsspec.filesystem("s3", **options), path
     return fsspec.filesystem(protocol, **options), path
+
+
+def s3_endpoint(endpoint_url: str | None) -> str | None:
+    """The S3 endpoint to use: ``endpoint_url``, else ``AWS_ENDPOINT_URL``, else AWS's own.
+    One carrying credentials is refused: they come from the AWS chain, and a client would
+    quote them in its errors."""
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    if endpoint_url and has_credentials(endpoint_url):
+        raise ValueError(
+            f"the S3 endpoint URL {redact_uri(endpoint_url)} must not carry credentials (user:password@): "
+            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile or instance role) instead"
+        )
+    return endpoint_url
 
 
 def join(base: str, *parts: str) -> str:
@@ -97,7 +121,7 @@ def arrow_filesystem_for(uri: str, *, endpoint_url: str | None = None) -> tuple[
     It is the same s3fs client as everywhere else here, behind pyarrow's fsspec handler;
     credentials are left to the AWS chain of each process that unpickles it."""
     protocol, path = split_uri(uri)
-    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    endpoint_url = s3_endpoint(endpoint_url)
     if protocol not in ("s3", "s3a") or not endpoint_url:
         return None, (path if protocol == "file" else uri)
     import pyarrow.fs

@@ -98,6 +98,17 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Remove the temporary files that :func:`save_checkpoint` leaves when a run is killed
+    mid-save (each up to a checkpoint's size). Call it only where no other process saves."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for tmp in folder.glob(".*.pt.*.tmp"):
+        logger.info("removing %s, left by a save that did not finish", tmp)
+        tmp.unlink(missing_ok=True)
+
+
 def prune_checkpoints(folder: str | Path, keep: int) -> None:
     if keep <= 0:
         return

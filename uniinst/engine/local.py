@@ -6,20 +6,32 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
-from uniinst.config import DataConfig, DatasetConfig, ExperimentConfig, config_from_dict, dump_config, to_dict
+from uniinst.config import (
+    DataConfig,
+    DatasetConfig,
+    ExperimentConfig,
+    apply_values,
+    config_from_dict,
+    dump_config,
+    load_config,
+    to_dict,
+)
 from uniinst.data.coco import CocoDataset
 from uniinst.data.dataset import InstanceSegDataset, build_train_loader
-from uniinst.data.shards import Manifest, read_manifest
 from uniinst.data.synthetic import generate_synthetic_coco
 from uniinst.data.transforms import EvalTransform, TrainTransform
 from uniinst.engine.checkpoint import (
     checkpoint_name,
     list_checkpoints,
     load_checkpoint,
+    load_model_weights,
+    model_weights,
     prune_checkpoints,
+    remove_stale_temporaries,
     save_checkpoint,
     seed_everything,
 )
@@ -28,6 +40,11 @@ from uniinst.engine.trainer import Trainer, format_progress, resolve_device
 from uniinst.evaluation.coco_eval import format_table
 from uniinst.evaluation.inference import evaluate_model
 from uniinst.modeling.uniinst import build_model
+
+if TYPE_CHECKING:
+    from uniinst.data.shards import Manifest
+
+    DataSplit = CocoDataset | Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +58,11 @@ class TrainResult:
     model: torch.nn.Module
 
 
-def prepare_synthetic_data(cfg: ExperimentConfig) -> None:
+def with_synthetic_data(cfg: ExperimentConfig) -> ExperimentConfig:
     """With ``data.synthetic``, generate the synthetic set once under the output folder and
-    point ``data.train`` / ``data.val`` at it."""
+    return a copy of ``cfg`` whose ``data.train`` / ``data.val`` point at it."""
     if not cfg.data.synthetic:
-        return
+        return cfg
     root = Path(cfg.train.output_dir) / "synthetic"
     d = cfg.data
     splits = {"train": d.synthetic_train_images, "val": d.synthetic_val_images}
@@ -59,17 +76,16 @@ def prepare_synthetic_data(cfg: ExperimentConfig) -> None:
             num_classes=cfg.model.num_classes,
             seed=cfg.train.seed,
         )
-    d.train.json, d.train.images = str(paths["train"]), str(root / "train")
-    d.val.json, d.val.images = str(paths["val"]), str(root / "val")
-
-
-DataSplit = CocoDataset | Manifest
+    return apply_values(cfg, {
+        "data.train.json": str(paths["train"]), "data.train.images": str(root / "train"),
+        "data.val.json": str(paths["val"]), "data.val.images": str(root / "val"),
+    })
 
 
 def load_datasets(cfg: ExperimentConfig) -> tuple[DataSplit, DataSplit | None]:
     """The training and validation sets: a :class:`CocoDataset` for a JSON, or the
-    :class:`Manifest` of a shard dataset (``data.train.shards``), streamed later with Ray."""
-    prepare_synthetic_data(cfg)
+    :class:`Manifest` of a shard dataset (``data.train.shards``), streamed later with Ray
+    (a shard dataset needs pyarrow, of the "ray" extra: its module is imported only for one)."""
     d = cfg.data
     if not d.train.json and not d.train.shards:
         raise ValueError(
@@ -90,12 +106,14 @@ def _load_split(split: DatasetConfig, d: DataConfig, name: str) -> DataSplit:
     if split.json and split.shards:
         raise ValueError(f"data.{name}: set json or shards, not both")
     if split.shards:
+        from uniinst.data.shards import read_manifest
+
         return read_manifest(split.shards, endpoint_url=d.endpoint_url or None)
     return CocoDataset(split.json, split.images, on_error=d.on_error)
 
 
 def _num_images(dataset: DataSplit) -> int:
-    return dataset.num_images if isinstance(dataset, Manifest) else len(dataset)
+    return len(dataset) if isinstance(dataset, CocoDataset) else dataset.num_images
 
 
 def eval_transform(cfg: ExperimentConfig) -> EvalTransform:
@@ -104,104 +122,130 @@ def eval_transform(cfg: ExperimentConfig) -> EvalTransform:
 
 def train_local(cfg: ExperimentConfig, *, resume: bool = True) -> TrainResult:
     """Train ``cfg`` in this process, resuming from the newest checkpoint in
-    ``<output_dir>/checkpoints`` unless ``resume`` is False, and evaluate on ``data.val``."""
+    ``<output_dir>/checkpoints`` unless ``resume`` is False, and evaluate on ``data.val``.
+
+    Nothing in the output folder is written before the checkpoint to resume from is known to
+    fit the configured model and the datasets have loaded."""
     out = Path(cfg.train.output_dir)
     ckpt_dir = out / "checkpoints"
-    if not resume and list_checkpoints(ckpt_dir):
+    existing = list_checkpoints(ckpt_dir)
+    if existing and not resume:
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pick another train.output_dir or resume")
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
-    train_set, val_set = load_datasets(cfg)
-    dump_config(cfg, out / "config.yaml")
-
     model = build_model(cfg.model).to(device)
+    state = load_checkpoint(existing[-1], map_location=device) if existing else None
+    if state is not None:
+        load_model_weights(model, state, existing[-1])
+    cfg = with_synthetic_data(cfg)
+    train_set, val_set = load_datasets(cfg)
     trainer = Trainer(model, cfg, device=device, meta={"class_names": train_set.class_names})
-    existing = list_checkpoints(ckpt_dir)
-    if resume and existing:
-        trainer.load_state_dict(load_checkpoint(existing[-1], map_location=device))
+    if state is not None:
+        trainer.load_state_dict(state, source=str(existing[-1]))
         logger.info("resumed from %s at iteration %d", existing[-1], trainer.iteration)
+    remove_stale_temporaries(ckpt_dir)
+    remove_stale_temporaries(out)
+    dump_config(cfg, out / "config.yaml")
     logger.info(
         "training %s (%s, R%d) on %s: %d images, batch %d, lr %.4g, %d iterations",
         cfg.name, cfg.model.arch, cfg.model.backbone.depth, device, _num_images(train_set),
         cfg.data.batch_size, trainer.base_lr, cfg.solver.max_iter,
     )
+    batches = _train_batches(cfg, train_set, start_iter=trainer.iteration)
+    hooks = _LocalHooks(cfg, trainer, val_set, device=device, resume_at=trainer.iteration if existing else None)
+    try:
+        if trainer.iteration < cfg.solver.max_iter:
+            trainer.run(batches, on_log=hooks.log, on_checkpoint=hooks.checkpoint, on_eval=hooks.evaluate)
+        else:
+            logger.info("%s is already trained to iteration %d", out, trainer.iteration)
+            hooks.evaluate(trainer.iteration)
+    finally:
+        hooks.close()
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+    if hooks.metrics is not None:
+        (out / "eval" / "final.json").write_text(json.dumps({"iteration": trainer.iteration, **hooks.metrics}, indent=2))
+    return TrainResult(out, trainer.iteration, ckpt_dir / checkpoint_name(trainer.iteration), hooks.metrics, model)
 
+
+def _train_batches(cfg: ExperimentConfig, train_set: DataSplit, *, start_iter: int):
+    """The training batches from iteration ``start_iter`` on: a DataLoader over a COCO JSON,
+    or a Ray Data stream over shards."""
     d = cfg.data
     transform = TrainTransform(short_edge=tuple(d.min_size_train), max_size=d.max_size_train, flip_prob=d.flip_prob)
-    if isinstance(train_set, Manifest):
-        # Ray only here: importing this module must not pull it in.
-        from uniinst.ray.data import ensure_ray, iter_train_batches
-
-        ensure_ray()
-        batches = iter_train_batches(
-            d.train.shards,
-            batch_size=d.batch_size,
-            transform=transform,
-            seed=cfg.train.seed,
-            start_iter=trainer.iteration,
-            shuffle_buffer_size=d.shuffle_buffer,
-            endpoint_url=d.endpoint_url or None,
-            manifest=train_set,
-        )
-    else:
-        batches = build_train_loader(
+    if isinstance(train_set, CocoDataset):
+        return build_train_loader(
             InstanceSegDataset(train_set, transform, seed=cfg.train.seed, skip_empty=True),
             batch_size=d.batch_size,
             seed=cfg.train.seed,
             num_workers=d.num_workers,
-            start_iter=trainer.iteration,
+            start_iter=start_iter,
         )
-    writer = MetricsWriter(out)
-    best = {"AP": -1.0}
-    metrics: dict[str, float] | None = None
+    # Ray only here: importing this module must not pull it in.
+    from uniinst.ray.data import ensure_ray, iter_train_batches
 
-    def on_log(it: int, m: dict[str, float]) -> None:
-        writer.write(it, m, prefix="train/")
-        logger.info(format_progress(it, cfg.solver.max_iter, m))
+    ensure_ray()
+    return iter_train_batches(
+        d.train.shards,
+        batch_size=d.batch_size,
+        transform=transform,
+        seed=cfg.train.seed,
+        start_iter=start_iter,
+        shuffle_buffer_size=d.shuffle_buffer,
+        endpoint_url=d.endpoint_url or None,
+        manifest=train_set,
+    )
 
-    def on_checkpoint(it: int) -> None:
-        path = save_checkpoint(trainer.state_dict(), ckpt_dir / checkpoint_name(it))
-        prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
+
+class _LocalHooks:
+    """What a one-process run does around its steps: metrics, checkpoints, evaluations and
+    the best model, all in ``train.output_dir``."""
+
+    def __init__(
+        self, cfg: ExperimentConfig, trainer: Trainer, val_set: DataSplit | None, *,
+        device: torch.device, resume_at: int | None,
+    ) -> None:
+        self.cfg, self.trainer, self.val_set, self.device = cfg, trainer, val_set, device
+        self.out = Path(cfg.train.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.writer = MetricsWriter(self.out, resume_at=resume_at)
+        self.best_ap = -1.0
+        self.metrics: dict[str, float] | None = None
+
+    def log(self, it: int, m: dict[str, float]) -> None:
+        self.writer.write(it, m, prefix="train/")
+        logger.info(format_progress(it, self.cfg.solver.max_iter, m))
+
+    def checkpoint(self, it: int) -> None:
+        path = save_checkpoint(self.trainer.state_dict(), self.ckpt_dir / checkpoint_name(it))
+        prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints)
         logger.info("saved %s", path)
 
-    def on_eval(it: int) -> None:
-        nonlocal metrics
-        if val_set is None:
+    def evaluate(self, it: int) -> None:
+        if self.val_set is None:
             return
-        eval_dir = out / "eval" / f"iter_{it:07d}"
-        extra = {"iteration": it, "checkpoint": str(ckpt_dir / checkpoint_name(it))}
-        if isinstance(val_set, Manifest):
-            metrics = _evaluate_shards(cfg, model, trainer.meta, eval_dir, device=device, extra=extra)
-        else:
-            metrics = evaluate_model(model, val_set, eval_dir, transform=eval_transform(cfg), device=device, extra=extra)
-        writer.write(it, metrics, prefix="val/")
-        logger.info("evaluation at iteration %d on %s:\n%s", it, d.val.shards or d.val.json, format_table(metrics))
-        if metrics["AP"] > best["AP"]:
-            best["AP"] = metrics["AP"]
-            state = trainer.state_dict()
-            best_state = {k: state[k] for k in ("model", "iteration", "config", "meta")}
-            save_checkpoint({**best_state, "metrics": metrics}, out / "model_best.pt")
-
-    try:
-        if trainer.iteration < cfg.solver.max_iter:
-            trainer.run(
-                batches,
-                on_log=on_log,
-                on_checkpoint=on_checkpoint,
-                on_eval=on_eval,
+        eval_dir = self.out / "eval" / f"iter_{it:07d}"
+        extra = {"iteration": it, "checkpoint": str(self.ckpt_dir / checkpoint_name(it))}
+        model, cfg = self.trainer.model, self.cfg
+        if isinstance(self.val_set, CocoDataset):
+            metrics = evaluate_model(
+                model, self.val_set, eval_dir, transform=eval_transform(cfg), device=self.device, extra=extra
             )
         else:
-            logger.info("%s is already trained to iteration %d", out, trainer.iteration)
-            on_eval(trainer.iteration)
-    finally:
-        writer.close()
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
-    final = ckpt_dir / checkpoint_name(trainer.iteration)
-    if metrics is not None:
-        (out / "eval" / "final.json").write_text(json.dumps({"iteration": trainer.iteration, **metrics}, indent=2))
-    return TrainResult(out, trainer.iteration, final, metrics, model)
+            metrics = _evaluate_shards(cfg, model, self.trainer.meta, eval_dir, device=self.device, extra=extra)
+        self.metrics = metrics
+        self.writer.write(it, metrics, prefix="val/")
+        d = cfg.data
+        logger.info("evaluation at iteration %d on %s:\n%s", it, d.val.shards or d.val.json, format_table(metrics))
+        if metrics["AP"] > self.best_ap:
+            self.best_ap = metrics["AP"]
+            state = self.trainer.state_dict()
+            best_state = {k: state[k] for k in ("model", "iteration", "config", "meta")}
+            save_checkpoint({**best_state, "metrics": metrics}, self.out / "model_best.pt")
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _evaluate_shards(
@@ -227,14 +271,37 @@ def _evaluate_shards(
     )
 
 
-def load_model_for_inference(checkpoint: str | Path, *, device: torch.device, cfg: ExperimentConfig | None = None):
-    """A model in eval mode with the weights of ``checkpoint`` (its stored config unless one is given)."""
+@dataclass
+class InferenceModel:
+    """A model in eval mode, its config and the class names of its labels."""
+
+    model: torch.nn.Module
+    cfg: ExperimentConfig
+    class_names: list[str]
+
+
+def load_model_for_inference(
+    checkpoint: str | Path,
+    *,
+    device: torch.device,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+) -> InferenceModel:
+    """The model of ``checkpoint`` with its weights, on ``device``, in eval mode. Its config is
+    the file ``config`` when given, else the one stored in the checkpoint; ``overrides`` apply
+    to either (for example ``model.inference.nms=mask``)."""
     state = load_checkpoint(checkpoint, map_location=device)
-    if cfg is None:
-        if "config" not in state:
+    weights = model_weights(state, checkpoint)
+    if config is not None:
+        cfg = load_config(config, overrides)
+    else:
+        stored = state.get("config") if isinstance(state, Mapping) else None
+        if not isinstance(stored, Mapping):
             raise ValueError(f"{checkpoint} holds no config: pass --config")
-        cfg = config_from_dict(state["config"])
+        cfg = config_from_dict(stored, overrides, source=f"the config stored in {checkpoint}")
     model = build_model(cfg.model).to(device)
-    model.load_state_dict(state["model"])
+    load_model_weights(model, weights, checkpoint)
     model.eval()
-    return model, cfg
+    meta = state.get("meta", {}) if isinstance(state, Mapping) else {}
+    names = list(meta.get("class_names") or [str(i) for i in range(cfg.model.num_classes)])
+    return InferenceModel(model, cfg, names)
