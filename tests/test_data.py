@@ -205,6 +205,66 @@ def test_skip_mode_counts_bad_annotations(tmp_path):
         CocoDataset(path, tmp_path / "images", on_error="ignore")
 
 
+@pytest.mark.parametrize(
+    "polygon",
+    [
+        [20.0, 2.0, 28.0, 2.0, 28.0, 6.0, 20.0, 6.0],  # right of the 16-wide image
+        [2.0, -9.0, 8.0, -9.0, 8.0, -1.0, 2.0, -1.0],  # above it
+        [-10.0, 2.0, 0.3, 2.0, 0.3, 6.0, -10.0, 6.0],  # reaches in by less than a pixel centre
+    ],
+)
+def test_polygon_outside_its_image_names_annotation_image_and_file(tmp_path, polygon):
+    path = _tiny_coco(tmp_path, [{"id": 80, "image_id": 1, "category_id": 2, "segmentation": [polygon]}])
+    with pytest.raises(ValueError, match=r"annotation 80 in .*ann\.json: .*polygon 0 lies outside image 1 \(16x12"):
+        CocoDataset(path, tmp_path / "images")
+
+
+def test_polygon_slightly_past_the_border_is_kept_and_one_outside_skipped(tmp_path):
+    # COCO polygons reach a little past the border: the part inside counts.
+    past_border = [[-0.8, -0.5, 16.6, -0.5, 16.6, 12.4, -0.8, 12.4]]
+    outside = [[20.0, 2.0, 28.0, 2.0, 28.0, 6.0, 20.0, 6.0]]
+    path = _tiny_coco(
+        tmp_path,
+        [
+            {"id": 1, "image_id": 1, "category_id": 2, "segmentation": past_border},
+            {"id": 2, "image_id": 1, "category_id": 2, "segmentation": [SQUARE[0], outside[0]]},
+        ],
+    )
+    ds = CocoDataset(path, tmp_path / "images", on_error="skip")
+    assert len(ds.skipped) == 1 and "annotation 2" in ds.skipped[0] and "polygon 1 lies outside" in ds.skipped[0]
+    assert ds.load(0).masks.shape == (1, 12, 16) and ds.load(0).masks[0].all()
+
+
+def _train_json_like(synth_data: Path, out: Path, keep) -> Path:
+    """The synthetic training JSON with its annotations passed through ``keep``."""
+    data = json.loads((synth_data / "annotations" / "instances_train.json").read_text())
+    data["annotations"] = keep(data["annotations"])
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "instances_train.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "keep, contents",
+    [
+        (lambda anns: [], r"8 images, 0 annotations\)"),
+        (lambda anns: [{**a, "iscrowd": 1} for a in anns[:3]], r"8 images, 3 annotations, all crowd\)"),
+    ],
+)
+def test_training_on_a_file_without_usable_annotations_names_it(synth_data, tmp_path, keep, contents):
+    from conftest import tiny_config
+    from uniinst.engine.local import train_local
+
+    train_json = _train_json_like(synth_data, tmp_path / "ann", keep)
+    cfg = tiny_config(
+        synth_data, tmp_path / "run", f"data.train.json={train_json}", "data.val.json=", "solver.max_iter=1"
+    )
+    message = rf"instances_train\.json: no image with a usable annotation to train on \({contents}"
+    with pytest.raises(ValueError, match=message):
+        train_local(cfg)
+
+
 def test_missing_image_folder_and_file(tmp_path):
     images = [
         {"id": 1, "file_name": "a.jpg", "height": 12, "width": 16},

@@ -81,7 +81,7 @@ def test_padding_is_zero_after_normalisation():
 
 def test_inference_scores_follow_the_spec_and_keep_at_most_100():
     torch.manual_seed(0)
-    model = build_model(_cfg("model.inference.score_thresh=-1.0").model).eval()
+    model = build_model(_cfg("model.inference.score_thresh=0.0").model).eval()
     with torch.no_grad():
         for m in model.head.modules():  # spread the scores so that ties do not decide the order
             if isinstance(m, torch.nn.Conv2d):
@@ -115,7 +115,7 @@ def test_inference_threshold_drops_low_scores():
 @pytest.mark.parametrize("nms", ["none", "mask", "matrix"])
 def test_baseline_inference_with_and_without_nms(nms):
     torch.manual_seed(0)
-    model = build_model(_cfg("model.arch=condinst", f"model.inference.nms={nms}", "model.inference.score_thresh=-1.0").model)
+    model = build_model(_cfg("model.arch=condinst", f"model.inference.nms={nms}", "model.inference.score_thresh=0.0").model)
     model.eval()
     batch = collate([_sample(64, 96, [(5, 5, 30, 30)])])
     with torch.no_grad():

@@ -6,10 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import runpy
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import fsspec
@@ -228,6 +230,35 @@ def test_run_killed_before_the_manifest_is_incomplete_then_resumes(tmp_path):
     assert manifest.num_images == 6 and read_manifest(str(out)).num_images == 6
 
 
+def _flip_middle(data: bytes, count: int = 64) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes(b ^ 0xFF for b in data[middle : middle + count]) + data[middle + count :]
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_rerun_rewrites_a_corrupt_shard_of_the_same_size(tmp_path, caplog, request, store):
+    json_path = _small_coco(tmp_path / "src", num_images=6)
+    images = str(tmp_path / "src" / "images")
+    endpoint = request.getfixturevalue("s3_server") if store == "s3" else None
+    out = f"{request.getfixturevalue('s3_bucket')}/out" if store == "s3" else str(tmp_path / "out")
+    kwargs = dict(images_per_shard=2, endpoint_url=endpoint, progress=False)
+    manifest = prepare_dataset(str(json_path), images, out, executor=serial_executor, **kwargs)
+    fs, root = filesystem_for(out, endpoint_url=endpoint)
+    victim = manifest.shards[1].path
+    original = fs.cat_file(f"{root}/{victim}")
+    fs.pipe_file(f"{root}/{victim}", _flip_middle(original))
+
+    rerun = CountingExecutor()
+    with caplog.at_level(logging.DEBUG, logger="uniinst.data.prepare"):
+        again = prepare_dataset(str(json_path), images, out, executor=rerun, **kwargs)
+    assert rerun.converted == [victim]
+    assert fs.cat_file(f"{root}/{victim}") == original
+    assert again.to_json() == manifest.to_json()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{victim} is corrupt")
+    assert "3 shards planned, 2 already written, 1 to write" in caplog.text
+
+
 def test_rerun_removes_the_old_manifest_before_touching_shards(tmp_path):
     json_path = _small_coco(tmp_path / "src", num_images=4)
     images, out = str(tmp_path / "src" / "images"), tmp_path / "out"
@@ -236,6 +267,84 @@ def test_rerun_removes_the_old_manifest_before_touching_shards(tmp_path):
     with pytest.raises(RuntimeError, match="killed"):
         prepare_dataset(str(json_path), images, str(out), images_per_shard=2, executor=CountingExecutor(fail_after=0))
     assert not (out / MANIFEST_NAME).exists() and not (out / REPORT_NAME).exists()
+
+
+def _live_children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid``, from /proc (zombies excluded)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError):
+            continue  # it ended while we looked
+        if int(ppid) == pid and state != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def _many_images(root: Path, count: int, size: int = 512) -> Path:
+    """``count`` synthetic images (hard links to 4 distinct ones) and their JSON; returns its path."""
+    from uniinst.data.synthetic import generate_synthetic_coco
+
+    source = generate_synthetic_coco(root, splits={"base": 4}, image_size=size, num_classes=4, seed=0)["base"]
+    data = json.loads(source.read_text())
+    (root / "many").mkdir()
+    images, annotations = [], []
+    for k in range(count):
+        base = data["images"][k % len(data["images"])]
+        name = f"{k:05d}.jpg"
+        os.link(root / "base" / base["file_name"], root / "many" / name)
+        images.append({**base, "id": k + 1, "file_name": name})
+        for ann in (a for a in data["annotations"] if a["image_id"] == base["id"]):
+            annotations.append({**ann, "id": len(annotations) + 1, "image_id": k + 1})
+    path = root / "many.json"
+    path.write_text(json.dumps({**data, "images": images, "annotations": annotations}))
+    return path
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_sigkilled_prepare_takes_its_workers_along_and_the_rerun_cleans_up(tmp_path):
+    json_path = _many_images(tmp_path / "src", count=1200)
+    out = tmp_path / "out"
+    args = [
+        sys.executable, "-m", "uniinst.cli", "prepare", "--json", str(json_path), "--images",
+        str(tmp_path / "src" / "many"), "--out", str(out), "--workers", "2", "--images-per-shard", "400",
+    ]
+    with open(tmp_path / "first.log", "wb") as log:
+        first = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # Both workers are writing a shard (a staged file each) when the parent is killed.
+        _wait_for(lambda: len(list(out.glob("*.tmp-*"))) >= 2, 120, "two shards being written")
+        children = _live_children(first.pid)
+        assert len(children) >= 2, children
+        first.kill()
+        first.wait()
+        _wait_for(lambda: not any(map(_alive, children)), 3, f"the workers {sorted(children)} to end")
+    finally:
+        first.kill()
+        first.wait()
+    assert list(out.glob("*.tmp-*")) and not (out / MANIFEST_NAME).exists()
+
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "(a leftover of an earlier run)" in rerun.stderr
+    assert read_manifest(str(out)).num_images == 1200
+    assert not list(out.glob("*.tmp-*"))
 
 
 # --------------------------------------------------------------------------- bad input

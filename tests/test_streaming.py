@@ -21,7 +21,7 @@ from uniinst.cli import main
 from uniinst.data.coco import CocoDataset
 from uniinst.data.collate import collate
 from uniinst.data.prepare import prepare_dataset, serial_executor
-from uniinst.data.shards import decode_row, read_manifest, shard_uris
+from uniinst.data.shards import ShardError, decode_row, read_manifest, shard_uris
 from uniinst.data.storage import filesystem_for
 from uniinst.data.transforms import EvalTransform, TrainTransform
 from uniinst.engine.checkpoint import checkpoint_name, load_checkpoint
@@ -285,10 +285,10 @@ def test_corrupt_shard_bytes_name_the_shard(ray_local, synth_shards, tmp_path):
     data[middle : middle + 64] = bytes(64)
     victim.write_bytes(bytes(data))
     stream = _synth_stream(uri, seed=0, shuffle_files=False)
-    with pytest.raises(RuntimeError, match=f"{victim.name} is corrupt"):
+    with pytest.raises(ShardError, match=f"{victim.name} is corrupt"):
         _take(stream, 4)
     victim.unlink()
-    with pytest.raises(RuntimeError, match=f"{victim.name} is listed in the manifest but does not exist"):
+    with pytest.raises(ShardError, match=f"{victim.name} is listed in the manifest but does not exist"):
         _take(_synth_stream(uri, seed=0, shuffle_files=False), 4)
 
 

@@ -1,20 +1,24 @@
 """Ray Train on a two-node cluster built on this machine: DDP equivalence, exact resume of a
-stopped run, and recovery from a killed worker."""
+stopped run, a resume refused before it touches the run, recovery from a killed worker, and a
+worker's input error ending the run in one line."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 ray = pytest.importorskip("ray")
 
-from conftest import limit_ray_data, restore_local_ray, tiny_config  # noqa: E402
+from conftest import CONFIGS, TINY, limit_ray_data, restore_local_ray, tiny_config  # noqa: E402
+from uniinst.cli import main  # noqa: E402
 from uniinst.engine.checkpoint import load_checkpoint, seed_everything  # noqa: E402
 from uniinst.engine.local import train_local  # noqa: E402
 from uniinst.modeling.uniinst import build_model  # noqa: E402
@@ -107,6 +111,26 @@ def test_a_stopped_run_rerun_with_its_name_ends_as_an_uninterrupted_one(ddp_run,
         train_ray(_cfg(synth_data, out, "data.batch_size=1", "ray.num_workers=2"), resume=False)
 
 
+def _tree(root: Path) -> dict[str, tuple[bytes, int] | None]:
+    """Every path under ``root``: a file's bytes and mtime, None for a folder."""
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
+        for p in root.rglob("*")
+    }
+
+
+def test_a_resume_with_another_model_fails_in_one_line_and_leaves_the_run_untouched(ddp_run, synth_data):
+    cfg, _ = ddp_run
+    out = Path(run_location(cfg).uri)
+    before = _tree(out)
+    changed = _cfg(synth_data, out, "data.batch_size=1", "ray.num_workers=2", "model.fpn_channels=64")
+    misfit = r"checkpoint_0000004 does not fit the configured model: .*backbone\.fpn\."
+    with pytest.raises(ValueError, match=misfit) as err:
+        train_ray(changed)
+    assert "\n" not in str(err.value)
+    assert _tree(out) == before
+
+
 def _train_worker_pids() -> list[int]:
     import psutil
 
@@ -120,7 +144,7 @@ def _train_worker_pids() -> list[int]:
 
 def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_last_checkpoint(two_nodes, synth_data, tmp_path):
     out = tmp_path / "killed"
-    period, max_iter = 2, 14
+    period, max_iter = 2, 8
     cfg = _cfg(
         synth_data, out, "data.batch_size=1", "ray.num_workers=2", f"solver.max_iter={max_iter}",
         f"train.checkpoint_period={period}", "ray.max_failures=2", "data.val.json=", "data.val.images=",
@@ -143,15 +167,20 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_last_checkpoin
     def logged() -> list[dict]:
         return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
 
-    # The checkpoint folder appears before rank 0 copies its metrics after the report.
-    while "checkpoint_0000004" not in run_checkpoints(location) or not logged():
-        assert time.monotonic() < deadline and thread.is_alive(), outcome.get("error", "no checkpoint in time")
-        time.sleep(0.2)
-    reached = max(row["iteration"] for row in logged())
-    assert reached < max_iter
+    def wait_for(iteration: int) -> None:
+        while not any(row["iteration"] >= iteration for row in logged()):
+            assert time.monotonic() < deadline and thread.is_alive(), outcome.get("error", f"no iteration {iteration}")
+            time.sleep(0.05)
+
+    wait_for(1)
     pids = _train_worker_pids()
     assert len(pids) == 2
+    # Killed once iteration 3 is logged, the group restarts from checkpoint 2 and redoes
+    # iteration 3: iteration 4 (a step, a save and a report) takes far longer than a poll.
+    wait_for(3)
     os.kill(pids[-1], signal.SIGKILL)
+    reached = max(row["iteration"] for row in logged())
+    assert reached < max_iter
 
     thread.join(timeout=600)
     assert not thread.is_alive()
@@ -159,6 +188,48 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_last_checkpoin
     assert outcome["result"].iteration == max_iter
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     resumed = [row["iteration"] for row in rows if "event/resumed" in row]
-    assert len(resumed) == 1 and reached - period <= resumed[0] < max_iter
-    # Training went on to the end after the restart.
-    assert max(row["iteration"] for row in rows if "train/loss" in row) == max_iter
+    assert len(resumed) == 1 and reached - period <= resumed[0] < reached
+    # Training went on to the end after the restart, and the redone iterations are logged once.
+    assert [row["iteration"] for row in rows if "train/loss" in row] == list(range(1, max_iter + 1))
+
+
+def test_an_input_error_in_a_worker_ends_the_run_at_once_in_one_line(two_nodes, synth_data, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data)
+    out = tmp_path / "bad_images"
+    args = [
+        "train", "--workers", "2", "--config", str(CONFIGS / "synth_R18_uniinst.yaml"), "--output-dir", str(out),
+        *TINY, "data.synthetic=false", f"data.train.json={data / 'annotations' / 'instances_train.json'}",
+        f"data.train.images={data / 'train'}", "data.val.json=", "data.val.images=", "data.batch_size=1",
+        "solver.max_iter=6", "train.checkpoint_period=2", "ray.cpus_per_worker=2", "ray.max_failures=2",
+    ]
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["code"] = main(args)
+        except BaseException as exc:  # reported by the assertion below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    location = run_location(tiny_config(synth_data, out))
+    deadline = time.monotonic() + 300
+    while "checkpoint_0000002" not in run_checkpoints(location):
+        assert time.monotonic() < deadline and thread.is_alive(), outcome.get("error", "no checkpoint in time")
+        time.sleep(0.05)
+    # Mid-training, every image becomes unreadable: the next batch fails on each worker.
+    for image in (data / "train").iterdir():
+        image.write_bytes(b"not an image")
+    thread.join(timeout=600)
+    assert not thread.is_alive()
+    assert "error" not in outcome, outcome.get("error")
+
+    err = capsys.readouterr().err
+    assert outcome["code"] == 2, err[-4000:]
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("uniinst train: error: cannot decode image "), err[-4000:]
+    # Ray Train did not restart the group to fail again: no resumed run was logged.
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not [row for row in rows if "event/resumed" in row]

@@ -120,7 +120,7 @@ def test_experiment_path_is_relative_to_the_search_file(tmp_path):
         ({"serach": {}}, "unknown key serach"),
         ({"search": {"algorithm": "bayes"}}, "search.algorithm"),
         ({"space": {"model.oyor.alpa": {"uniform": [0, 1]}}}, "model.oyor.alpa"),
-        ({"space": {"model.oyor.alpha": {"uniform": [0.2, 1.5]}}}, "model.oyor.alpha must lie in [0, 1]"),
+        ({"space": {"model.oyor.alpha": {"uniform": [0.2, 1.5]}}}, "model.oyor.alpha must be in [0, 1], got 1.5"),
         ({"space": {"model.loss.cls": {"loguniform": [0.0, 1.0]}}}, "bounds must be > 0"),
         ({"space": {"model.loss.cls": {"uniform": [2.0, 1.0]}}}, "low must be below high"),
         ({"space": {"model.loss.cls": {"normal": [0, 1]}}}, "unknown kind 'normal'"),

@@ -120,7 +120,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
         raise ValueError("the run kept no model_best.pt: does the config evaluate (data.val)?")
     pred_dir = Path(cfg.train.output_dir) / "predictions"
     drawn = draw_shard_predictions(
-        result.best_checkpoint, cfg.data.val.shards, pred_dir, num_images=args.num_images,
+        result.best_checkpoint, None, pred_dir, num_images=args.num_images,
         endpoint_url=cfg.data.endpoint_url or None,
     )
     ap = (result.metrics or {}).get("AP", float("nan"))
@@ -182,7 +182,14 @@ def _evaluate_checkpoint(args: argparse.Namespace, out: Path) -> dict[str, float
         return evaluate_model(
             loaded.model, CocoDataset(gt, images), out, transform=eval_transform(cfg), device=device,
             extra={"checkpoint": str(args.checkpoint), "gt": str(gt)},
+            class_names=loaded.class_names, label_map=_label_map(args),
         )
+
+
+def _label_map(args: argparse.Namespace) -> dict[int, int] | None:
+    from uniinst.evaluation.categories import parse_label_map
+
+    return parse_label_map(args.label_map) if args.label_map else None
 
 
 def _evaluate_on_shards(args: argparse.Namespace, out: Path) -> dict[str, float]:
@@ -199,7 +206,7 @@ def _evaluate_on_shards(args: argparse.Namespace, out: Path) -> dict[str, float]
     state = {
         "model": {k: v.cpu() for k, v in loaded.model.state_dict().items()},
         "config": to_dict(loaded.cfg),
-        "meta": {"class_names": loaded.class_names},
+        "meta": {"class_names": loaded.class_names} if loaded.class_names else {},
     }
     ensure_ray()
     return evaluate_shards(
@@ -213,6 +220,7 @@ def _evaluate_on_shards(args: argparse.Namespace, out: Path) -> dict[str, float]
         num_gpus=1.0 if use_gpu else 0.0,
         batch_size=args.batch_size,
         extra={"checkpoint": str(args.checkpoint)},
+        label_map=_label_map(args),
     )
 
 
@@ -247,7 +255,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if not paths:
         raise SystemExit("uniinst predict: name at least one image")
     loaded = _load_inference_model(args)
-    class_names = args.class_names.split(",") if args.class_names else loaded.class_names
+    class_names = args.class_names.split(",") if args.class_names else loaded.label_names
     device = next(loaded.model.parameters()).device
     transform = eval_transform(loaded.cfg)
     out = Path(args.out)
@@ -373,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--replicas", type=int, default=1, help="with --shards: model replicas (one GPU each on GPU)")
     e.add_argument("--batch-size", type=int, default=1, help="with --shards: images per forward pass")
     e.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials come from the environment)")
+    e.add_argument(
+        "--label-map", metavar="LABEL=ID,...",
+        help="model label to ground-truth category id, e.g. 0=1,1=18, for a model whose classes the ground truth "
+        "does not name (default: by class name, or in order when the counts match)",
+    )
     e.add_argument("--out", required=True, help="folder for metrics.json and metrics.md")
     e.add_argument("--device", default="auto")
     e.add_argument("overrides", nargs="*", help="dotted config overrides")

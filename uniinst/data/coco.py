@@ -118,7 +118,7 @@ class CocoAnnotations:
         if iscrowd not in (0, 1):
             raise _AnnotationError(f"field 'iscrowd' must be 0 or 1, got {iscrowd!r}")
         info = self.images[index_of_image[image_id]]
-        segmentation = _check_segmentation(ann["segmentation"], info["height"], info["width"])
+        segmentation = _check_segmentation(ann["segmentation"], info["height"], info["width"], image_id)
         if "bbox" in ann:
             _check_bbox(ann["bbox"], info["height"], info["width"])
         return {
@@ -166,6 +166,11 @@ class CocoDataset:
 
     def __len__(self) -> int:
         return len(self._images)
+
+    @property
+    def num_annotations(self) -> int:
+        """Number of annotations read (crowd ones included, skipped ones not)."""
+        return sum(len(anns) for anns in self._annotations)
 
     def num_instances(self, index: int) -> int:
         """Number of non-crowd annotations of image ``index``, read from the JSON alone."""
@@ -260,13 +265,14 @@ def _parse_images(entries: list, path: str) -> list[dict]:
     return images
 
 
-def _check_segmentation(segmentation: Any, height: int, width: int) -> list | dict:
-    """Validate a segmentation against its image size; return it in a form pycocotools takes."""
+def _check_segmentation(segmentation: Any, height: int, width: int, image_id: int) -> list | dict:
+    """Validate a segmentation against its image (``image_id``, of that size); return it in
+    a form pycocotools takes."""
     if isinstance(segmentation, list):
         if not segmentation:
             raise _AnnotationError("field 'segmentation' is an empty polygon list")
         for k, polygon in enumerate(segmentation):
-            _check_polygon(polygon, k)
+            _check_polygon(polygon, k, height, width, image_id)
         return [[float(v) for v in polygon] for polygon in segmentation]
     if isinstance(segmentation, dict):
         size, counts = segmentation.get("size"), segmentation.get("counts")
@@ -293,7 +299,7 @@ def _check_segmentation(segmentation: Any, height: int, width: int) -> list | di
     )
 
 
-def _check_polygon(polygon: Any, k: int) -> None:
+def _check_polygon(polygon: Any, k: int, height: int, width: int, image_id: int) -> None:
     if not isinstance(polygon, list) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in polygon):
         raise _AnnotationError(f"field 'segmentation' polygon {k} must be a list of finite numbers")
     if len(polygon) < 6 or len(polygon) % 2:
@@ -304,6 +310,15 @@ def _check_polygon(polygon: Any, k: int) -> None:
     shoelace = np.dot(xs, np.roll(ys, -1)) - np.dot(ys, np.roll(xs, -1))
     if shoelace == 0:
         raise _AnnotationError(f"field 'segmentation' polygon {k} has zero area")
+    # COCO polygons may reach a little past the border; only one covering no pixel of the
+    # image is wrong. Rasterising is left to the few that reach past it at all.
+    inside = xs.min() >= 0 and ys.min() >= 0 and xs.max() <= width and ys.max() <= height
+    disjoint = xs.max() <= 0 or ys.max() <= 0 or xs.min() >= width or ys.min() >= height
+    if not inside and (disjoint or mask_utils.area(mask_utils.frPyObjects([polygon], height, width))[0] == 0):
+        raise _AnnotationError(
+            f"field 'segmentation' polygon {k} lies outside image {image_id} ({width}x{height}, WxH): "
+            "it covers none of its pixels"
+        )
 
 
 def _check_bbox(bbox: Any, height: int, width: int) -> None:

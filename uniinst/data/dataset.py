@@ -28,7 +28,7 @@ class InstanceSegDataset(Dataset):
         transform: called as ``transform(record, rng)``.
         seed: the base seed of the per-item generators.
         skip_empty: keep only images with at least one non-crowd annotation (decided from
-            the JSON, without decoding images).
+            the JSON, without decoding images); a source without any raises a ValueError.
     """
 
     def __init__(self, source: CocoDataset, transform: Transform, *, seed: int = 0, skip_empty: bool = False) -> None:
@@ -37,6 +37,10 @@ class InstanceSegDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.indices = [i for i in range(len(source)) if not skip_empty or source.num_instances(i) > 0]
+        if skip_empty and not self.indices:
+            raise ValueError(
+                f"{source.gt_json_path}: no image with a usable annotation to train on ({_contents(source)})"
+            )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -50,6 +54,16 @@ class InstanceSegDataset(Dataset):
             raise IndexError(f"index {index} out of range for a dataset of {len(self.indices)} images")
         rng = np.random.default_rng((self.seed, epoch, index))
         return self.transform(self.source.load(self.indices[index]), rng)
+
+
+def _contents(source: CocoDataset) -> str:
+    """What ``source`` holds, for an error saying it has nothing to train on."""
+    parts = [f"{len(source)} images", f"{source.num_annotations} annotations"]
+    if source.num_annotations:
+        parts[-1] += ", all crowd"
+    if source.skipped:
+        parts.append(f"{len(source.skipped)} skipped as invalid")
+    return ", ".join(parts)
 
 
 class TrainingSampler(Sampler[int]):

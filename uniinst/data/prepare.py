@@ -3,9 +3,11 @@ Parquet shards in the format of :mod:`uniinst.data.shards`.
 
 The conversion is planned deterministically (images sorted by id, split evenly into shards),
 so a rerun plans the same shards: a shard whose ``<shard>.done.json`` marker matches the plan
-is kept, the rest are (re)written. Every shard and marker appears only once complete (a rename
-on a local disk, a single upload on an object store), and the manifest is written last, so a
-dataset with a manifest is always complete.
+and whose bytes still have the marker's sha256 is kept, the rest are (re)written. Every shard
+and marker appears only once complete (a rename on a local disk, a single upload on an object
+store), and the manifest is written last, so a dataset with a manifest is always complete. A
+run killed while writing leaves temporary files that the next run removes; its local worker
+processes end with it.
 
 Credentials never pass through here: object stores authenticate from the environment or the
 instance role, and every URI is stripped of ``user:pass@`` and query strings before it is
@@ -14,6 +16,7 @@ logged or stored.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
@@ -22,7 +25,10 @@ import math
 import multiprocessing
 import os
 import re
+import signal
+import sys
 import tempfile
+import threading
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -44,6 +50,7 @@ from uniinst.data.shards import (
     Manifest,
     ShardInfo,
     annotation_row,
+    file_digest,
     shard_name,
 )
 from uniinst.data.storage import filesystem_for, join
@@ -60,6 +67,8 @@ _ON_ERROR_MODES = ("raise", "skip")
 _ROWS_PER_GROUP = 64
 # Concurrent image reads per shard: object stores answer one request slowly but many at once.
 _FETCH_THREADS = 8
+# prctl(2) option: the signal the kernel sends this process when its parent dies.
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -118,7 +127,8 @@ def serial_executor(convert: Callable[[ShardTask], ShardResult], tasks: Sequence
 
 def local_executor(max_workers: int | None = None) -> Executor:
     """Convert shards in a local process pool of ``max_workers`` (default: the CPU count),
-    yielding results as they finish; one worker runs serially in this process."""
+    yielding results as they finish; one worker runs serially in this process. The workers
+    end with this process, however it ends (even by SIGKILL)."""
 
     def run(convert: Callable[[ShardTask], ShardResult], tasks: Sequence[ShardTask]) -> Iterator[ShardResult]:
         workers = min(max_workers or os.cpu_count() or 1, len(tasks))
@@ -126,7 +136,11 @@ def local_executor(max_workers: int | None = None) -> Executor:
             yield from serial_executor(convert, tasks)
             return
         # Forking a process that already runs pyarrow or torch thread pools can deadlock the child.
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        spawn = multiprocessing.get_context("spawn")
+        # Workers start in submit(), so in this thread: the one Linux's parent-death signal
+        # follows, and it outlives the pool.
+        pool = ProcessPoolExecutor(workers, mp_context=spawn, initializer=_die_with_parent, initargs=(os.getpid(),))
+        with pool:
             futures = [pool.submit(convert, task) for task in tasks]
             try:
                 for future in as_completed(futures):
@@ -136,6 +150,30 @@ def local_executor(max_workers: int | None = None) -> Executor:
                     future.cancel()
 
     return run
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Pool initializer: end this worker when the process that started it dies, which a
+    SIGKILL gives no chance to stop its pool. On Linux the kernel sends the signal (a worker
+    busy in C code dies too); elsewhere a thread watches for the parent to change."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+        if armed:
+            # The signal is for a parent that dies from now on: it may be gone already.
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            return
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="uniinst-parent-watch", daemon=True).start()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 # --------------------------------------------------------------------------- one shard
@@ -176,7 +214,7 @@ def convert_shard(task: ShardTask) -> ShardResult:
                 num_annotations += sum(len(row["annotations"]) for row in rows)
                 if rows:
                     writer.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA))
-        sha256, size = _digest(local_path)
+        sha256, size = file_digest(LocalFileSystem(), local_path)
     info = ShardInfo(path=task.name, num_images=num_images, num_annotations=num_annotations, sha256=sha256, bytes=size)
     marker = {
         "info": asdict(info),
@@ -257,15 +295,6 @@ def _put_atomically(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> No
     with _staged_file(fs, path) as local_path:
         with open(local_path, "wb") as f:
             f.write(data)
-
-
-def _digest(path: str) -> tuple[str, int]:
-    sha, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
-            size += len(chunk)
-    return sha.hexdigest(), size
 
 
 # --------------------------------------------------------------------------- the plan
@@ -439,7 +468,8 @@ def prepare_dataset(
         image_ids: keep only these images: ids, or the URI of a file with one id per line.
         categories: keep only these categories (names or ids) and their annotations.
 
-    A rerun keeps every shard whose done marker matches the plan and writes the rest.
+    A rerun keeps every shard whose done marker matches the plan and whose bytes have the
+    marker's sha256 (so each finished shard is read once), and writes the rest.
     """
     if on_error not in _ON_ERROR_MODES:
         raise ValueError(f"on_error must be one of {_ON_ERROR_MODES}, got {on_error!r}")
@@ -521,9 +551,40 @@ def prepare_dataset(
 
 
 def _finished_shards(fs: fsspec.AbstractFileSystem, root: str, tasks: Sequence[ShardTask]) -> dict[int, ShardResult]:
-    """Make ``root`` ready for (re)writing ``tasks``: the manifest and report go first (the
-    dataset is incomplete until this run writes them again), then temporary files and shards
-    of another plan. Returns the shards already written for this plan, by index."""
+    """Make ``root`` ready for (re)writing ``tasks`` (see :func:`_clear_for_rerun`) and return
+    the shards already written for this plan, by index: those whose done marker matches the
+    plan and whose bytes still have the marker's sha256. The others lose their marker."""
+    names = _clear_for_rerun(fs, root, tasks)
+    finished = {}
+    for task in tasks:
+        if task.name not in names or task.name + DONE_SUFFIX not in names:
+            continue
+        done = _recorded_result(fs, root, task)
+        if done is None:
+            logger.info("%s does not match this plan: rewriting it", task.name)
+            fs.rm_file(join(root, task.name + DONE_SUFFIX))
+        else:
+            finished[task.index] = done
+    # Reading each finished shard once (in chunks, a few at a time) finds one that rotted or
+    # was overwritten since: its size alone may not change.
+    paths = [join(root, done.info.path) for done in finished.values()]
+    with ThreadPoolExecutor(_FETCH_THREADS) as pool:
+        digests = list(pool.map(lambda path: file_digest(fs, path)[0], paths))
+    for done, sha256 in zip(list(finished.values()), digests):
+        if sha256 != done.info.sha256:
+            logger.warning(
+                "%s is corrupt (its sha256 is %s, its done marker says %s): rewriting it",
+                done.info.path, sha256, done.info.sha256,
+            )
+            fs.rm_file(join(root, done.info.path + DONE_SUFFIX))
+            del finished[done.index]
+    return finished
+
+
+def _clear_for_rerun(fs: fsspec.AbstractFileSystem, root: str, tasks: Sequence[ShardTask]) -> set[str]:
+    """Remove the manifest and report (the dataset is incomplete until this run writes them
+    again), then the temporary files of an earlier run (one killed while writing) and shards
+    of another plan. Returns the names left in ``root``."""
     fs.makedirs(root, exist_ok=True)
     fs.invalidate_cache(root)  # another process may have written here since this one looked
     try:
@@ -534,33 +595,28 @@ def _finished_shards(fs: fsspec.AbstractFileSystem, root: str, tasks: Sequence[S
         if name in names:
             fs.rm_file(join(root, name))
     planned = {task.name for task in tasks} | {task.name + DONE_SUFFIX for task in tasks}
-    for stale in sorted(n for n in names if _TMP_MARK in n or (_SHARD_FILE.fullmatch(n) and n not in planned)):
-        logger.info("removing %s (a leftover of an earlier run)", stale)
-        fs.rm_file(join(root, stale))
+    stale = sorted(n for n in names if _TMP_MARK in n or (_SHARD_FILE.fullmatch(n) and n not in planned))
+    for name in stale:
+        logger.info("removing %s (a leftover of an earlier run)", name)
+        fs.rm_file(join(root, name))
+    return names - {MANIFEST_NAME, REPORT_NAME, *stale}
 
-    finished = {}
-    for task in tasks:
-        marker_name = task.name + DONE_SUFFIX
-        if task.name not in names or marker_name not in names:
-            continue
-        shard_path, marker_path = join(root, task.name), join(root, marker_name)
-        try:
-            marker = json.loads(fs.cat_file(marker_path))
-            info = ShardInfo(**marker["info"])
-            done = ShardResult(task.index, info, list(marker["skipped"]), int(marker["annotations_skipped"]))
-            valid = (
-                marker["fingerprint"] == task.fingerprint()
-                and info.path == task.name
-                and fs.size(shard_path) == info.bytes
-            )
-        except (ValueError, KeyError, TypeError):
-            valid = False
-        if valid:
-            finished[task.index] = done
-        else:
-            logger.info("%s does not match this plan: rewriting it", task.name)
-            fs.rm_file(marker_path)
-    return finished
+
+def _recorded_result(fs: fsspec.AbstractFileSystem, root: str, task: ShardTask) -> ShardResult | None:
+    """What the done marker of ``task`` records, or None if it is unreadable, is for another
+    plan or does not match the shard's size."""
+    try:
+        marker = json.loads(fs.cat_file(join(root, task.name + DONE_SUFFIX)))
+        info = ShardInfo(**marker["info"])
+        done = ShardResult(task.index, info, list(marker["skipped"]), int(marker["annotations_skipped"]))
+        valid = (
+            marker["fingerprint"] == task.fingerprint()
+            and info.path == task.name
+            and fs.size(join(root, task.name)) == info.bytes
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
+    return done if valid else None
 
 
 def parse_categories(text: str) -> list[str | int]:

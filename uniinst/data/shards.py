@@ -13,6 +13,7 @@ JSON reader gives for the same image.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from dataclasses import asdict, dataclass, field
@@ -51,6 +52,17 @@ SHARD_SCHEMA = pa.schema(
         ("annotations", pa.list_(ANNOTATION_TYPE)),
     ]
 )
+
+
+class ShardError(ValueError):
+    """A shard that cannot be used: missing, truncated, corrupt, unreadable, or holding a row
+    that does not decode. The one-line message names the shard and what is wrong with it."""
+
+    def __init__(self, message: str) -> None:
+        # One line, whatever the underlying error printed; kept apart from ``args``, which
+        # frameworks that pass the error on (Ray Data) append their own lines to.
+        self.message = " ".join(str(message).split())
+        super().__init__(self.message)
 
 
 def shard_name(index: int, count: int) -> str:
@@ -132,6 +144,33 @@ def shard_uris(uri: str, manifest: Manifest) -> list[str]:
     return [join(uri, s.path) for s in manifest.shards]
 
 
+def file_digest(fs: Any, path: str, *, chunk_size: int = 1 << 20) -> tuple[str, int]:
+    """The sha256 and size of the file at ``path`` on ``fs``, read in chunks: a shard is
+    never held whole in memory to check it."""
+    sha, size = hashlib.sha256(), 0
+    with fs.open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            sha.update(chunk)
+            size += len(chunk)
+    return sha.hexdigest(), size
+
+
+def check_digest(sha256: str, size: int, *, expected_sha256: str, expected_bytes: int, where: str) -> None:
+    """A :class:`ShardError` naming ``where`` unless a shard's sha256 and size are the ones its
+    manifest records."""
+    if size != expected_bytes:
+        raise ShardError(f"{where} is {size} bytes but the manifest says {expected_bytes}: truncated or replaced")
+    if sha256 != expected_sha256:
+        raise ShardError(f"{where} is corrupt: its sha256 is {sha256}, the manifest says {expected_sha256}")
+
+
+def verify_shard(fs: Any, path: str, info: ShardInfo, *, where: str) -> None:
+    """A :class:`ShardError` naming ``where`` unless the file at ``path`` has the size and
+    sha256 that ``info`` records."""
+    sha256, size = file_digest(fs, path)
+    check_digest(sha256, size, expected_sha256=info.sha256, expected_bytes=info.bytes, where=where)
+
+
 def annotation_row(ann_id: int, category_id: int, iscrowd: bool, rle: Mapping[str, Any]) -> dict[str, Any]:
     """One annotation of a row, from a compressed RLE (``counts`` bytes or str)."""
     counts = rle["counts"]
@@ -147,18 +186,22 @@ def annotation_row(ann_id: int, category_id: int, iscrowd: bool, rle: Mapping[st
 
 
 def decode_image(data: bytes, *, height: int, width: int, where: str) -> np.ndarray:
-    """Decode encoded image bytes to uint8 RGB ``[H, W, 3]``, checking the stored size."""
+    """Decode encoded image bytes to uint8 RGB ``[H, W, 3]``, checking the stored size; a
+    :class:`ShardError` naming ``where`` if they do not decode to it."""
     try:
         with Image.open(io.BytesIO(data)) as pil:
-            if pil.size != (width, height):
-                raise ValueError(f"{where}: image is {pil.size[0]}x{pil.size[1]} (WxH) but the row says {width}x{height}")
-            return np.asarray(pil.convert("RGB"), dtype=np.uint8).copy()
-    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"{where}: cannot decode the image bytes: {exc}") from exc
+            size = pil.size
+            pixels = np.asarray(pil.convert("RGB"), dtype=np.uint8).copy() if size == (width, height) else None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ShardError(f"{where}: cannot decode the image bytes: {exc}") from exc
+    if pixels is None:
+        raise ShardError(f"{where}: image is {size[0]}x{size[1]} (WxH) but the row says {width}x{height}")
+    return pixels
 
 
 def decode_row(row: Mapping[str, Any], cat_id_to_contiguous: Mapping[int, int], *, where: str = "shard row") -> CocoRecord:
-    """A shard row (a mapping with the :data:`SHARD_SCHEMA` fields) as a :class:`CocoRecord`."""
+    """A shard row (a mapping with the :data:`SHARD_SCHEMA` fields) as a :class:`CocoRecord`;
+    a :class:`ShardError` naming ``where`` and the image if it does not decode."""
     image_id = int(row["image_id"])
     height, width = int(row["height"]), int(row["width"])
     where = f"{where} (image id {image_id}, {row['file_name']})"
@@ -169,14 +212,14 @@ def decode_row(row: Mapping[str, Any], cat_id_to_contiguous: Mapping[int, int], 
         try:
             masks = np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1))
         except Exception as exc:
-            raise ValueError(f"{where}: cannot decode the RLE masks: {exc}") from exc
+            raise ShardError(f"{where}: cannot decode the RLE masks: {exc}") from exc
     else:
         masks = np.zeros((0, height, width), dtype=np.uint8)
     crowd = np.array([bool(a["iscrowd"]) for a in anns], dtype=bool)
     try:
         labels = np.array([cat_id_to_contiguous[int(a["category_id"])] for a, c in zip(anns, crowd) if not c], np.int64)
     except KeyError as exc:
-        raise ValueError(f"{where}: category id {exc.args[0]} is not in the manifest") from None
+        raise ShardError(f"{where}: category id {exc.args[0]} is not in the manifest") from None
     return CocoRecord(
         image=image,
         masks=masks[~crowd],

@@ -39,6 +39,7 @@ from uniinst.engine.metrics import MetricsWriter
 from uniinst.engine.trainer import Trainer, format_progress, resolve_device
 from uniinst.evaluation.coco_eval import format_table
 from uniinst.evaluation.inference import evaluate_model
+from uniinst.modeling.sync_batchnorm import convert_sync_batchnorm
 from uniinst.modeling.uniinst import build_model
 
 if TYPE_CHECKING:
@@ -134,6 +135,7 @@ def train_local(cfg: ExperimentConfig, *, resume: bool = True) -> TrainResult:
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     model = build_model(cfg.model).to(device)
+    convert_sync_batchnorm(model, cfg.model, world=1)
     state = load_checkpoint(existing[-1], map_location=device) if existing else None
     if state is not None:
         load_model_weights(model, state, existing[-1])
@@ -230,7 +232,8 @@ class _LocalHooks:
         model, cfg = self.trainer.model, self.cfg
         if isinstance(self.val_set, CocoDataset):
             metrics = evaluate_model(
-                model, self.val_set, eval_dir, transform=eval_transform(cfg), device=self.device, extra=extra
+                model, self.val_set, eval_dir, transform=eval_transform(cfg), device=self.device, extra=extra,
+                class_names=self.trainer.meta["class_names"],
             )
         else:
             metrics = _evaluate_shards(cfg, model, self.trainer.meta, eval_dir, device=self.device, extra=extra)
@@ -273,11 +276,17 @@ def _evaluate_shards(
 
 @dataclass
 class InferenceModel:
-    """A model in eval mode, its config and the class names of its labels."""
+    """A model in eval mode, its config and the class names of its labels (None when the
+    checkpoint has none)."""
 
     model: torch.nn.Module
     cfg: ExperimentConfig
-    class_names: list[str]
+    class_names: list[str] | None
+
+    @property
+    def label_names(self) -> list[str]:
+        """What to call each label in a drawing: its class name, else its number."""
+        return self.class_names or [str(i) for i in range(self.cfg.model.num_classes)]
 
 
 def load_model_for_inference(
@@ -303,5 +312,5 @@ def load_model_for_inference(
     load_model_weights(model, weights, checkpoint)
     model.eval()
     meta = state.get("meta", {}) if isinstance(state, Mapping) else {}
-    names = list(meta.get("class_names") or [str(i) for i in range(cfg.model.num_classes)])
-    return InferenceModel(model, cfg, names)
+    names = meta.get("class_names") if isinstance(meta, Mapping) else None
+    return InferenceModel(model, cfg, list(names) if names else None)

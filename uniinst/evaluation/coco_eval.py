@@ -9,6 +9,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -60,7 +61,9 @@ def evaluate_segm(
     Returns :data:`METRIC_KEYS` as fractions (COCOeval's ``stats[0:9]``). A size bucket
     without any ground truth comes back as -1, as pycocotools reports it. An empty results
     list scores 0 everywhere. ``image_ids``/``category_ids`` restrict the evaluation (default:
-    all of ``gt``). Results naming an image or category absent from ``gt`` raise ValueError.
+    all of ``gt``). A result naming an image or category absent from ``gt``, with an RLE not
+    of its image's size or not decodable, or a score that is not a finite number, raises a
+    ValueError naming the result (:func:`validate_results`). Uncompressed RLE is accepted.
 
     Any ``bbox`` in the results is ignored: given one, ``loadRes`` would take the box area as
     the instance area and so change which size bucket (small/medium/large) it falls in.
@@ -68,19 +71,13 @@ def evaluate_segm(
     printed.
     """
     coco_gt = load_coco_gt(gt)
-    if isinstance(results, (str, Path)):
-        source = str(results)
-        results = load_results(results)
-    else:
-        source = "results"
-        results = validate_results(results, source)
-    gt_images = set(coco_gt.getImgIds())
     gt_cats = set(coco_gt.getCatIds())
-    for i, r in enumerate(results):
-        if r["image_id"] not in gt_images:
-            raise ValueError(f"{source}: result {i} names image_id {r['image_id']}, which is not in the ground truth")
-        if r["category_id"] not in gt_cats:
-            raise ValueError(f"{source}: result {i} names category_id {r['category_id']}, not in the ground truth")
+    image_sizes = {img_id: (img.get("height"), img.get("width")) for img_id, img in coco_gt.imgs.items()}
+    if isinstance(results, (str, Path)):
+        results = load_results(results, image_sizes=image_sizes, category_ids=gt_cats)
+    else:
+        results = validate_results(results, "results", image_sizes=image_sizes, category_ids=gt_cats)
+    gt_images = set(image_sizes)
     if image_ids is not None:
         unknown = sorted(set(image_ids) - gt_images)
         if unknown:
@@ -94,8 +91,7 @@ def evaluate_segm(
         logger.warning("no results to evaluate: every metric is 0")
         return {k: 0.0 for k in METRIC_KEYS}
 
-    # loadRes writes id/area/iscrowd into each dict: give it copies, without the box.
-    dets = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    dets = [_detection(r) for r in results]
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         coco_dt = coco_gt.loadRes(dets)
@@ -111,6 +107,16 @@ def evaluate_segm(
     logger.debug("pycocotools:\n%s", "\n".join(line for line in lines if not line.startswith(" Average")))
     logger.info("pycocotools segm summary:\n%s", "\n".join(line for line in lines if line.startswith(" Average")))
     return {k: float(v) for k, v in zip(METRIC_KEYS, evaluator.stats[: len(METRIC_KEYS)])}
+
+
+def _detection(result: dict) -> dict:
+    """A copy of ``result`` for ``loadRes``, which writes id/area/iscrowd into it: without
+    the box, its RLE compressed (pycocotools reads only compressed RLE in results)."""
+    det = {k: v for k, v in result.items() if k != "bbox"}
+    seg = det["segmentation"]
+    if isinstance(seg["counts"], list):
+        det["segmentation"] = mask_utils.frPyObjects(seg, *seg["size"])
+    return det
 
 
 def format_table(metrics: Mapping[str, float]) -> str:

@@ -22,8 +22,9 @@ def _group_norm(num_channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, num_channels)
 
 
-# "SyncBN" builds plain BatchNorm2d: the distributed trainer converts it with
-# nn.SyncBatchNorm.convert_sync_batchnorm once the process group exists.
+# "SyncBN" builds plain BatchNorm2d: uniinst.modeling.sync_batchnorm converts it in a run of
+# several GPU workers (the Ray trainer refuses several CPU workers: torch's SyncBatchNorm needs
+# GPU tensors); one process trains it as BatchNorm2d.
 _NORMS: dict[str, Callable[[int], nn.Module]] = {
     "FrozenBN": FrozenBatchNorm2d,
     "BN": nn.BatchNorm2d,
@@ -51,9 +52,9 @@ class ResNetFPN(nn.Module):
 
     ``forward`` returns ``[P3, P4, P5, P6, P7]`` with ``out_channels`` channels each, at
     ``strides`` 8, 16, 32, 64, 128. ``norm`` is the ResNet's normalisation: ``"FrozenBN"``,
-    ``"BN"``, ``"SyncBN"`` (built as BatchNorm2d, converted by the distributed trainer) or
-    ``"GN"`` (GroupNorm with 32 groups, only from scratch). ``freeze_at`` freezes nothing (0),
-    the stem (1), or the stem and res2 (2), as detectron2's FREEZE_AT.
+    ``"BN"``, ``"SyncBN"`` (built as BatchNorm2d, converted by the Ray trainer with several
+    GPU workers) or ``"GN"`` (GroupNorm with 32 groups, only from scratch). ``freeze_at``
+    freezes nothing (0), the stem (1), or the stem and res2 (2), as detectron2's FREEZE_AT.
     """
 
     strides = (8, 16, 32, 64, 128)

@@ -10,7 +10,8 @@ from uniinst.modeling.aligned_bilinear import aligned_bilinear
 def _conv_norm_relu(in_channels: int, out_channels: int, norm: str) -> nn.Sequential:
     conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
     nn.init.kaiming_uniform_(conv.weight, a=1)
-    # "SyncBN" builds BatchNorm2d: the distributed trainer converts it once the process group exists.
+    # "SyncBN" builds BatchNorm2d: the Ray trainer converts it to SyncBatchNorm with several GPU
+    # workers (uniinst.modeling.sync_batchnorm); one process trains it as BatchNorm2d.
     norm_layer = nn.GroupNorm(32, out_channels) if norm == "GN" else nn.BatchNorm2d(out_channels)
     return nn.Sequential(conv, norm_layer, nn.ReLU())
 

@@ -11,9 +11,11 @@ rather than ``ray.data.read_parquet``: each shard is read whole and checked agai
 manifest's size and sha256 before any of its rows is used. Parquet pages carry no checksum by
 default (and Ray 2.60's Parquet scanner replaces the scan options that would verify one), so a
 flipped byte inside an image's bytes would otherwise decode to wrong pixels without an error.
-A failed read is retried; a shard that stays unreadable, fails its checksum or holds bad rows
-raises an error naming the shard. Every epoch's rows are counted against the manifest, so an
-epoch is never silently short.
+A failed read is retried; a shard that is missing, fails its checksum, is not Parquet or holds
+a row that does not decode raises a :class:`~uniinst.data.shards.ShardError` naming the shard,
+which reaches the process consuming the pipeline as a plain ``ShardError`` with its one-line
+message (see :func:`shard_errors_for_ray` and :func:`shard_errors_unwrapped`). Every epoch's
+rows are counted against the manifest, so an epoch is never silently short.
 
 Rows travel as Arrow binary columns (uint8 / int64 / float32 buffers plus shape columns),
 not as Ray tensor columns: images and masks differ in shape from row to row, and binary
@@ -36,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -47,13 +50,24 @@ import torch
 from ray.data import DataIterator, Dataset
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
+from ray.exceptions import UserCodeException
 from torch import Tensor
 
 from uniinst.data.coco import CocoRecord
 from uniinst.data.collate import make_targets, padded_size
-from uniinst.redact import redact_uri
-from uniinst.data.shards import SHARD_SCHEMA, Manifest, decode_row, read_manifest, shard_uris
+from uniinst.data.shards import (
+    SHARD_SCHEMA,
+    Manifest,
+    ShardError,
+    ShardInfo,
+    check_digest,
+    decode_row,
+    read_manifest,
+    shard_uris,
+    verify_shard,
+)
 from uniinst.data.storage import filesystem_for
+from uniinst.redact import redact_uri
 from uniinst.structures import Batch, Sample, Targets
 
 logger = logging.getLogger(__name__)
@@ -206,6 +220,50 @@ def _rows_of(table: pa.Table, mask_stride: int) -> Iterator[tuple[int, int, Stre
         yield image_id, status, sample
 
 
+# --------------------------------------------------------------------------- shard errors across Ray
+
+
+class _TaskShardError(ShardError, UserCodeException):
+    """A :class:`ShardError` leaving a Ray Data task. As a ``UserCodeException`` Ray Data logs
+    it in one line instead of dumping its traceback as a Ray bug, and the driver receives it
+    typed: a ``RayTaskError`` that carries it."""
+
+
+@contextmanager
+def shard_errors_for_ray() -> Iterator[None]:
+    """Around the body of a Ray Data task (a read, a ``map_batches`` UDF) over shard rows: a
+    :class:`ShardError` leaves it as one the driver can unwrap (:func:`shard_errors_unwrapped`).
+    A UDF's dataset must come from :func:`read_shards`, which tells Ray Data not to replace the
+    error by a generic ``UserCodeException``."""
+    try:
+        yield
+    except ShardError as exc:
+        raise _TaskShardError(exc.message) from None
+
+
+def _carried_shard_error(exc: BaseException | None) -> ShardError | None:
+    """The :class:`ShardError` raised in a Ray task under Ray's wrappers of ``exc``, if any."""
+    while exc is not None:
+        if isinstance(exc, ShardError) and not isinstance(exc, ray.exceptions.RayTaskError):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
+
+
+@contextmanager
+def shard_errors_unwrapped() -> Iterator[None]:
+    """Around code in this process that consumes a Ray pipeline over shards: a
+    :class:`ShardError` raised in one of its tasks comes out as a plain ``ShardError`` with its
+    one-line message, not as Ray's wrapper whose text holds the remote traceback."""
+    try:
+        yield
+    except ray.exceptions.RayError as exc:
+        found = _carried_shard_error(exc)
+        if found is None:
+            raise
+        raise ShardError(found.message) from None
+
+
 # --------------------------------------------------------------------------- reading shards
 
 
@@ -233,28 +291,33 @@ def _read_shard(
     image_ids: frozenset[int] | None,
     attempts: int,
 ) -> Iterator[pa.Table]:
-    """The rows of one shard, one table per row group, after checking the whole file."""
+    """The rows of one shard, one table per row group, after checking the whole file; a
+    :class:`ShardError` if it is missing, corrupt or not a shard."""
     where = f"shard {redact_uri(shard_uri)}"
     fs, path = filesystem_for(shard_uri, endpoint_url=endpoint_url)
     data = _fetch(fs, path, where=where, attempts=attempts)
-    if len(data) != size:
-        raise ValueError(f"{where} is {len(data)} bytes but the manifest says {size}: truncated or replaced")
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
-        raise ValueError(f"{where} is corrupt: its sha256 is {digest}, the manifest says {sha256}")
+    check_digest(hashlib.sha256(data).hexdigest(), len(data), expected_sha256=sha256, expected_bytes=size, where=where)
     try:
         parquet = pq.ParquetFile(pa.BufferReader(data))
         missing = [name for name in SHARD_SCHEMA.names if name not in parquet.schema_arrow.names]
         if missing:
-            raise ValueError(f"lacks the column(s) {', '.join(missing)}")
+            raise ShardError(f"{where} is not a readable shard: it lacks the column(s) {', '.join(missing)}")
         for group in range(parquet.num_row_groups):
             table = parquet.read_row_group(group, columns=SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
             if image_ids is not None:
                 keep = [image_id in image_ids for image_id in table.column("image_id").to_pylist()]
                 table = table.filter(pa.array(keep, pa.bool_()))
             yield table.append_column("shard", pa.array(np.full(table.num_rows, shard, np.int32)))
-    except (pa.ArrowException, ValueError) as exc:
-        raise ValueError(f"{where} is not a readable shard: {exc}") from exc
+    except ShardError:
+        raise
+    # The bytes are in memory: an OSError here is Parquet's, not the store's.
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise ShardError(f"{where} is not a readable shard: {exc}") from exc
+
+
+def _read_in_task(read: Callable[[], Iterator[pa.Table]]) -> Iterator[pa.Table]:
+    with shard_errors_for_ray():
+        yield from read()
 
 
 def _fetch(fs: Any, path: str, *, where: str, attempts: int) -> bytes:
@@ -264,7 +327,7 @@ def _fetch(fs: Any, path: str, *, where: str, attempts: int) -> bytes:
         try:
             return fs.cat_file(path)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{where} is listed in the manifest but does not exist") from None
+            raise ShardError(f"{where} is listed in the manifest but does not exist") from None
         except PermissionError as exc:
             raise PermissionError(f"{where}: access denied: {exc}") from exc
         except Exception as exc:
@@ -331,7 +394,8 @@ class ShardDatasource(Datasource):
                 input_files=[redact_uri(self.uris[index])],
                 exec_stats=None,
             )
-            tasks.append(ReadTask(read, metadata, schema=ROW_SCHEMA, per_task_row_limit=per_task_row_limit))
+            task = functools.partial(_read_in_task, read)
+            tasks.append(ReadTask(task, metadata, schema=ROW_SCHEMA, per_task_row_limit=per_task_row_limit))
         return tasks
 
 
@@ -351,6 +415,11 @@ def read_shards(
     With ``shuffle_files`` the shards are read in an order drawn from ``(seed, epoch)``. Rows
     leave the dataset in shard order (Ray Data's ``preserve_order``), so an execution is
     reproducible. ``manifest`` skips re-reading it; ``image_ids`` keeps only those images.
+
+    A faulty shard raises a :class:`ShardError` in its read task; a ``map_batches`` UDF over
+    these rows may raise one too, from inside :func:`shard_errors_for_ray`, as Ray Data passes
+    the errors of this dataset's UDFs on unchanged (``raise_original_map_exception``). Consume
+    the dataset inside :func:`shard_errors_unwrapped` to get them as plain ``ShardError``.
     """
     manifest = manifest or read_manifest(uri, endpoint_url=endpoint_url)
     order = shard_order(len(manifest.shards), shuffle=shuffle_files, seed=seed, epoch=epoch)
@@ -360,6 +429,7 @@ def read_shards(
     ds = ray.data.read_datasource(source)
     ds.context.execution_options.preserve_order = True
     ds.context.enable_progress_bars = False
+    ds.context.raise_original_map_exception = True
     return ds, manifest
 
 
@@ -415,21 +485,20 @@ class DecodeStep:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         epoch = self.epoch if self.epoch is not None else _execution_index()
-        rows = []
-        for row in batch.to_pylist():
-            image_id = int(row["image_id"])
-            if self.skip_empty and not any(not a["iscrowd"] for a in row["annotations"] or ()):
-                rows.append(_marker_row(image_id, EMPTY))
-                continue
-            if self.only is not None and image_id not in self.only:
-                rows.append(_marker_row(image_id, SKIPPED))
-                continue
-            where = f"shard {self.shard_names[row['shard']]}"
-            record = decode_row(row, self.cat_id_to_contiguous, where=where)
-            rng = np.random.default_rng((self.seed, epoch, _AUGMENT, image_id))
-            sample = to_stream_sample(self.transform(record, rng), mask_stride=self.mask_stride)
-            rows.append(_sample_row(sample))
+        with shard_errors_for_ray():
+            rows = [self._decode(row, epoch) for row in batch.to_pylist()]
         return pa.Table.from_pylist(rows, schema=STREAM_SCHEMA)
+
+    def _decode(self, row: dict[str, Any], epoch: int) -> dict[str, Any]:
+        image_id = int(row["image_id"])
+        if self.skip_empty and not any(not a["iscrowd"] for a in row["annotations"] or ()):
+            return _marker_row(image_id, EMPTY)
+        if self.only is not None and image_id not in self.only:
+            return _marker_row(image_id, SKIPPED)
+        where = f"shard {self.shard_names[row['shard']]}"
+        record = decode_row(row, self.cat_id_to_contiguous, where=where)
+        rng = np.random.default_rng((self.seed, epoch, _AUGMENT, image_id))
+        return _sample_row(to_stream_sample(self.transform(record, rng), mask_stride=self.mask_stride))
 
 
 def decode_rows(ds: Dataset, step: DecodeStep, *, batch_size: int = 8) -> Dataset:
@@ -470,17 +539,28 @@ def _image_index(uri: str, manifest: Manifest, endpoint_url: str | None) -> list
     """Per shard, ``(image_id, has a non-crowd instance)`` of its rows in order, read from two
     small columns (no image bytes)."""
 
-    def read(shard_uri: str) -> list[tuple[int, bool]]:
+    def read(shard_uri: str, info: ShardInfo) -> list[tuple[int, bool]]:
+        where = f"shard {redact_uri(shard_uri)}"
         fs, path = filesystem_for(shard_uri, endpoint_url=endpoint_url)
-        with fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read(columns=["image_id", "annotations.list.element.iscrowd"])
+        try:
+            with fs.open(path, "rb") as f:
+                table = pq.ParquetFile(f).read(columns=["image_id", "annotations.list.element.iscrowd"])
+        except FileNotFoundError:
+            raise ShardError(f"{where} is listed in the manifest but does not exist") from None
+        except pa.ArrowInvalid as exc:
+            verify_shard(fs, path, info, where=where)
+            raise ShardError(f"{where} is not a readable shard: {exc}") from exc
+        except OSError:
+            # Parquet's "corrupt page" and a failing store are both OSErrors: the checksum tells.
+            verify_shard(fs, path, info, where=where)
+            raise
         return [
             (int(row["image_id"]), any(not a["iscrowd"] for a in row["annotations"] or ()))
             for row in table.to_pylist()
         ]
 
     with ThreadPoolExecutor(_INDEX_READERS) as pool:
-        return list(pool.map(read, shard_uris(uri, manifest)))
+        return list(pool.map(read, shard_uris(uri, manifest), manifest.shards))
 
 
 def iter_train_batches(
@@ -690,6 +770,9 @@ def _epoch_items(
                 elif status == SKIPPED:
                     yield _Skipped(image_id)
     except ray.exceptions.RayError as exc:
+        found = _carried_shard_error(exc)
+        if found is not None:
+            raise ShardError(found.message) from None
         raise RuntimeError(f"streaming epoch {epoch} of {name} failed after {seen} images: {_root_cause(exc)}") from exc
     if expected_rows is not None and seen != expected_rows:
         raise RuntimeError(f"epoch {epoch} of {name} yielded {seen} images but {expected_rows} were expected")

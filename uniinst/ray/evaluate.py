@@ -30,10 +30,11 @@ from uniinst.data.shards import Manifest, decode_row, read_manifest, shard_uris
 from uniinst.data.storage import filesystem_for
 from uniinst.data.transforms import EvalTransform
 from uniinst.engine.checkpoint import load_checkpoint
+from uniinst.evaluation.categories import label_to_category_ids
 from uniinst.evaluation.coco_eval import evaluate_segm, write_report
 from uniinst.evaluation.coco_results import instances_to_coco_results, save_results
 from uniinst.modeling.uniinst import build_model
-from uniinst.ray.data import read_shards
+from uniinst.ray.data import read_shards, shard_errors_for_ray, shard_errors_unwrapped
 
 logger = logging.getLogger(__name__)
 
@@ -118,29 +119,20 @@ def resolve_categories(manifest: Manifest, categories: Sequence[int | str]) -> l
     return sorted(set(out))
 
 
-def label_to_category(manifest: Manifest, *, num_classes: int, class_names: Sequence[str] | None = None) -> list[int]:
-    """The dataset's category id of each of the model's contiguous labels (-1: not in it).
-
-    A model that knows its class names is matched by name, so a COCO model evaluates on
-    OCHuman's single ``person`` category; otherwise the model must have exactly the
-    dataset's categories, in id order.
-    """
-    if class_names:
-        if len(class_names) != num_classes:
-            raise ValueError(f"the model has {num_classes} classes but {len(class_names)} class names")
-        by_name = {c["name"]: c["id"] for c in manifest.categories}
-        mapping = [by_name.get(name, -1) for name in class_names]
-        if all(m == -1 for m in mapping):
-            raise ValueError(
-                f"none of the model's classes ({', '.join(class_names[:5])}, ...) is a category of the dataset "
-                f"({', '.join(sorted(by_name))})"
-            )
-        return mapping
-    if num_classes != len(manifest.categories):
-        raise ValueError(
-            f"the model has {num_classes} classes and no class names, the dataset {len(manifest.categories)} categories"
-        )
-    return list(manifest.contiguous_to_cat_id)
+def label_to_category(
+    manifest: Manifest,
+    *,
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
+    label_map: Mapping[int, int] | None = None,
+    source: str = "the shard dataset",
+) -> list[int]:
+    """The dataset's category id of each of the model's contiguous labels (-1: not in it),
+    by :func:`~uniinst.evaluation.categories.label_to_category_ids`: a model that knows its
+    class names is matched by name, so a COCO model evaluates on OCHuman's single ``person``
+    category; otherwise the model must have exactly the dataset's categories, in id order,
+    or a ``label_map``."""
+    return label_to_category_ids(num_classes, class_names, manifest.categories, label_map=label_map, source=source)
 
 
 class ShardPredictor:
@@ -172,16 +164,17 @@ class ShardPredictor:
         self.batch_size = batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = predict_rows(
-            self.model,
-            batch.to_pylist(),
-            device=self.device,
-            transform=self.transform,
-            label_to_cat=self.label_to_cat,
-            category_ids=self.category_ids,
-            shard_names=self.shard_names,
-            batch_size=self.batch_size,
-        )
+        with shard_errors_for_ray():
+            out = predict_rows(
+                self.model,
+                batch.to_pylist(),
+                device=self.device,
+                transform=self.transform,
+                label_to_cat=self.label_to_cat,
+                category_ids=self.category_ids,
+                shard_names=self.shard_names,
+                batch_size=self.batch_size,
+            )
         return pa.Table.from_pylist(
             [{"image_id": image_id, "results": json.dumps(results)} for image_id, results in out], schema=_RESULT_SCHEMA
         )
@@ -217,7 +210,7 @@ def predict_rows(
             results = [
                 r
                 for r in instances_to_coco_results(instances.to("cpu"), image_id, label_to_cat)
-                if r["category_id"] != -1 and (category_ids is None or r["category_id"] in category_ids)
+                if category_ids is None or r["category_id"] in category_ids
             ]
             out.append((int(image_id), results))
     model.train(was_training)
@@ -246,16 +239,22 @@ def predict_shards(
     num_gpus: float = 0.0,
     num_cpus: float = 1.0,
     batch_size: int = 1,
+    label_map: Mapping[int, int] | None = None,
 ) -> list[dict]:
     """COCO results of a checkpoint (a path, or an in-memory ``{"model", "config", "meta"}``)
     on the shard dataset at ``uri``, from ``replicas`` model replicas in a Ray Data actor
-    pool (``num_gpus`` / ``num_cpus`` each). Every selected image must come back, or this raises."""
+    pool (``num_gpus`` / ``num_cpus`` each). Labels map to categories by
+    :func:`label_to_category` (the checkpoint's class names, or ``label_map``). Every
+    selected image must come back, or this raises."""
     if replicas < 1 or batch_size < 1:
         raise ValueError(f"replicas and batch_size must be >= 1, got {replicas} and {batch_size}")
     manifest = manifest or read_manifest(uri, endpoint_url=endpoint_url)
     state = _load_state(checkpoint)
     cfg = config_from_dict(state["config"])
-    mapping = label_to_category(manifest, num_classes=cfg.model.num_classes, class_names=state["meta"].get("class_names"))
+    mapping = label_to_category(
+        manifest, num_classes=cfg.model.num_classes, class_names=state["meta"].get("class_names"), label_map=label_map,
+        source=redact_uri(uri),
+    )
     wanted = None if image_ids is None else sorted(set(int(i) for i in image_ids))
     expected = manifest.num_images if wanted is None else len(wanted)
 
@@ -279,10 +278,11 @@ def predict_shards(
     )
     results: list[dict] = []
     seen: set[int] = set()
-    for block in predictions.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for image_id, text in zip(block.column("image_id").to_pylist(), block.column("results").to_pylist()):
-            seen.add(image_id)
-            results.extend(json.loads(text))
+    with shard_errors_unwrapped():
+        for block in predictions.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for image_id, text in zip(block.column("image_id").to_pylist(), block.column("results").to_pylist()):
+                seen.add(image_id)
+                results.extend(json.loads(text))
     if len(seen) != expected:
         raise RuntimeError(f"inference on {redact_uri(uri)} returned {len(seen)} of {expected} images")
     return results
@@ -310,13 +310,14 @@ def predict_shards_here(
     names = [redact_uri(s) for s in shard_uris(uri, manifest)]
     results: list[dict] = []
     seen = 0
-    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for image_id, found in predict_rows(
-            model, block.to_pylist(), device=device, transform=transform, label_to_cat=label_to_cat,
-            category_ids=category_ids, shard_names=names, batch_size=batch_size,
-        ):
-            seen += 1
-            results.extend(found)
+    with shard_errors_unwrapped():
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for image_id, found in predict_rows(
+                model, block.to_pylist(), device=device, transform=transform, label_to_cat=label_to_cat,
+                category_ids=category_ids, shard_names=names, batch_size=batch_size,
+            ):
+                seen += 1
+                results.extend(found)
     if seen != len(image_ids):
         raise RuntimeError(f"inference on {redact_uri(uri)} returned {seen} of {len(image_ids)} images")
     return results
@@ -334,18 +335,20 @@ def evaluate_shards(
     num_gpus: float = 0.0,
     batch_size: int = 1,
     extra: Mapping[str, Any] | None = None,
+    label_map: Mapping[int, int] | None = None,
 ) -> dict[str, float]:
     """Mask AP of a checkpoint on the shard dataset at ``uri``: predict (:func:`predict_shards`),
     score against :func:`gt_from_shards` and write ``results.json``, ``metrics.json`` and
     ``metrics.md`` into ``out_dir``. ``image_ids`` and ``categories`` (ids or names) restrict
-    the evaluation, as the OCHuman protocol does."""
+    the evaluation, as the OCHuman protocol does; ``label_map`` (model label -> category id)
+    is for a checkpoint whose classes the dataset does not name."""
     manifest = read_manifest(uri, endpoint_url=endpoint_url)
     subset = None if image_ids is None else sorted(set(int(i) for i in image_ids))
     category_ids = None if categories is None else resolve_categories(manifest, categories)
     gt = gt_from_shards(uri, endpoint_url=endpoint_url, manifest=manifest, image_ids=subset)
     results = predict_shards(
         uri, checkpoint, endpoint_url=endpoint_url, manifest=manifest, image_ids=subset, category_ids=category_ids,
-        replicas=replicas, num_gpus=num_gpus, batch_size=batch_size,
+        replicas=replicas, num_gpus=num_gpus, batch_size=batch_size, label_map=label_map,
     )
     out_dir = Path(out_dir)
     save_results(results, out_dir / "results.json")

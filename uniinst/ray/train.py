@@ -20,7 +20,11 @@ Rerunning the same ``(storage_path, name)`` resumes: Ray Train hands the workers
 registered checkpoint (registered only once fully uploaded, so a run killed while saving
 resumes from the one before), and the workers load model, optimizer, schedule, scaler,
 iteration and RNG state from it and continue the data stream at the same position. A worker
-that dies makes Ray restart the group the same way, up to ``ray.max_failures`` times.
+that dies makes Ray restart the group the same way, up to ``ray.max_failures`` times. Before
+that, the driver checks that the checkpoint fits the configured model, and fails before
+writing anything to the run if it does not; a worker's input error (``ValueError``,
+``FileNotFoundError``: the same on every try) ends the run without restarts and is raised as
+itself.
 
 Data: every worker streams its own part of the one global image stream (see
 :func:`uniinst.ray.data.iter_train_batches` and
@@ -32,6 +36,7 @@ the same steps.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -40,17 +45,29 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.exceptions import RayTaskError
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    ControllerError,
+    FailureConfig,
+    Result,
+    RunConfig,
+    ScalingConfig,
+    TrainingFailedError,
+    UserCallback,
+    WorkerGroupError,
+)
 from ray.train.torch import TorchTrainer
 
-from uniinst.config import ExperimentConfig, config_from_dict, dump_config, to_dict
+from uniinst.config import ExperimentConfig, apply_values, config_from_dict, dump_config, to_dict
 from uniinst.data.coco import CocoDataset
 from uniinst.data.dataset import InstanceSegDataset, build_train_loader
 from uniinst.data.prepare import prepare_dataset, read_image_ids
@@ -66,13 +83,21 @@ from uniinst.data.storage import (
 )
 from uniinst.data.synthetic import generate_synthetic_coco
 from uniinst.data.transforms import TrainTransform
-from uniinst.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from uniinst.engine.checkpoint import (
+    load_checkpoint,
+    load_model_weights,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
 from uniinst.engine.local import eval_transform, load_datasets
 from uniinst.engine.metrics import MetricsWriter
 from uniinst.engine.trainer import Trainer, format_progress
 from uniinst.evaluation.coco_eval import evaluate_segm, format_table, write_report
 from uniinst.evaluation.coco_results import save_results
 from uniinst.evaluation.inference import predict_dataset
+from uniinst.modeling.sync_batchnorm import convert_sync_batchnorm, sync_batchnorm_parts
 from uniinst.modeling.uniinst import build_model
 from uniinst.redact import redact_uri
 from uniinst.ray.data import iter_train_batches
@@ -84,6 +109,10 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 VAL_METRICS_FILE = "val_metrics.json"
 _CHECKPOINT_DIR = re.compile(r"checkpoint_\d{7}")
+# Ray Train's record of a run's registered checkpoints, in the run folder.
+_RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+# Errors of the input (data, config): the same on every try, so never worth a restart.
+_INPUT_ERRORS = (ValueError, FileNotFoundError)
 
 
 def checkpoint_dir_name(iteration: int) -> str:
@@ -141,6 +170,71 @@ def scaling_config(cfg: ExperimentConfig) -> ScalingConfig:
     )
 
 
+# --------------------------------------------------------------------------- SyncBN
+
+
+def _check_sync_batchnorm(cfg: ExperimentConfig) -> None:
+    """Refuse SyncBN where it cannot synchronise: torch's SyncBatchNorm only runs on GPU
+    tensors once there are several processes (on CPU its forward raises), and training it
+    as per-worker BatchNorm instead would quietly be another model."""
+    parts = sync_batchnorm_parts(cfg.model)
+    if parts and cfg.ray.num_workers > 1 and not cfg.ray.use_gpu:
+        raise ValueError(
+            f"{parts[0][1]}=SyncBN needs GPU workers (ray.use_gpu=true) with ray.num_workers > 1: "
+            "torch's SyncBatchNorm does not run on CPU; use BN or GN on CPU workers"
+        )
+
+
+# --------------------------------------------------------------------------- input errors
+
+
+def _first_input_error(errors: Iterable[BaseException]) -> BaseException | None:
+    """The first input error among a worker group's errors (seen through a Ray task's
+    wrapper, such as a failed Ray Data read), else None."""
+    for error in errors:
+        while isinstance(error, RayTaskError) and error.cause is not None:
+            error = error.cause
+        if isinstance(error, _INPUT_ERRORS):
+            return error
+    return None
+
+
+class _EndAtInputError(UserCallback):
+    """Ends a run at a worker's input error instead of letting Ray Train restart the worker
+    group ``ray.max_failures`` times to fail the same way.
+
+    FailureConfig cannot tell errors apart, and a worker that catches its error cannot stop
+    its peers (they wait for it in collectives). This runs on the controller before Ray
+    decides on a restart; an exception raised here becomes a ``ControllerError``, which Ray
+    Train (2.60) does not retry."""
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        error = _first_input_error(worker_exceptions.values())
+        if error is not None:
+            raise error
+
+
+def _fit(trainer: TorchTrainer) -> Result:
+    """``trainer.fit()``, with a worker's input error raised as itself, in one line (Ray's
+    error holds every worker's remote traceback)."""
+    try:
+        return trainer.fit()
+    except TrainingFailedError as exc:
+        if isinstance(exc, ControllerError):
+            error = _first_input_error([exc.controller_failure])
+        elif isinstance(exc, WorkerGroupError):
+            error = _first_input_error(exc.worker_failures.values())
+        else:
+            error = None
+        if error is None:
+            raise
+    lines = str(error).splitlines()
+    if len(lines) > 1:
+        # Ray Data appends its retry advice to the errors of its tasks.
+        error.args = (lines[0],)
+    raise error from None
+
+
 # --------------------------------------------------------------------------- the driver
 
 
@@ -153,10 +247,13 @@ class RayTrainResult:
     metrics: dict[str, float] | None
 
 
-def prepare_run_data(cfg: ExperimentConfig, folder: str, endpoint_url: str | None = None) -> list[str]:
-    """Check the datasets and return the class names. With ``data.synthetic`` the synthetic
-    set is generated here and converted to shards in ``<folder>/data`` (reused when there),
-    so that workers on any node can read it; ``cfg`` is pointed at them."""
+def prepare_run_data(
+    cfg: ExperimentConfig, folder: str, endpoint_url: str | None = None
+) -> tuple[ExperimentConfig, list[str]]:
+    """Check the datasets; return the config to train with and the class names. With
+    ``data.synthetic`` the synthetic set is generated here and converted to shards in
+    ``<folder>/data`` (reused when there), so that workers on any node can read it, and the
+    returned config points at them."""
     d = cfg.data
     if d.synthetic:
         uris = {split: join(folder, "data", split) for split in ("train", "val")}
@@ -176,11 +273,30 @@ def prepare_run_data(cfg: ExperimentConfig, folder: str, endpoint_url: str | Non
                         str(paths[split]), str(Path(tmp) / split), uris[split], images_per_shard=16,
                         endpoint_url=endpoint_url, executor=ray_executor(), progress=False,
                     )
-        d.synthetic = False
-        for split, dataset in (("train", d.train), ("val", d.val)):
-            dataset.json, dataset.images, dataset.shards = "", "", uris[split]
+        values: dict[str, Any] = {"data.synthetic": False}
+        for split in uris:
+            values.update({f"data.{split}.json": "", f"data.{split}.images": "", f"data.{split}.shards": uris[split]})
+        cfg = apply_values(cfg, values)
     train, _ = load_datasets(cfg)
-    return list(train.class_names)
+    return cfg, list(train.class_names)
+
+
+def _check_resume(cfg: ExperimentConfig, run: RunLocation) -> str | None:
+    """The checkpoint Ray Train will resume the run from (None if none is registered),
+    once its weights are seen to fit ``cfg.model``: a run resumed with another model fails
+    here, before anything is written to the run folder, rather than in every worker."""
+    if not exists(join(run.uri, _RAY_SNAPSHOT), endpoint_url=run.endpoint_url):
+        return None
+    latest = Result.from_path(join(run.storage_path, run.name), storage_filesystem=run.storage_filesystem).checkpoint
+    if latest is None:
+        return None
+    uri = join(run.uri, os.path.basename(latest.path.rstrip("/")))
+    state = load_run_checkpoint(uri, endpoint_url=run.endpoint_url)
+    # The weights are loaded over a random initialisation: no ImageNet download.
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.backbone.pretrained = False
+    load_model_weights(build_model(model_cfg), state, redact_uri(uri))
+    return os.path.basename(uri)
 
 
 def train_ray(cfg: ExperimentConfig, *, resume: bool = True, callbacks: list | None = None) -> RayTrainResult:
@@ -188,18 +304,20 @@ def train_ray(cfg: ExperimentConfig, *, resume: bool = True, callbacks: list | N
     workers; resume the run at ``(ray.storage_path, ray.name)`` if it exists (unless
     ``resume`` is False, which refuses an existing run). ``callbacks`` go to Ray Train's
     ``RunConfig`` (a search passes Tune's report callback)."""
+    _check_sync_batchnorm(cfg)
     connect()
     run = run_location(cfg)
     existing = run_checkpoints(run)
     if existing and not resume:
         raise FileExistsError(f"run {redact_uri(run.uri)} already holds {existing[-1]}: pick another name or resume")
-    class_names = prepare_run_data(cfg, run.uri, run.endpoint_url)
+    resumed = _check_resume(cfg, run)
+    cfg, class_names = prepare_run_data(cfg, run.uri, run.endpoint_url)
     with tempfile.TemporaryDirectory() as tmp:
         upload_file(dump_config(cfg, Path(tmp) / "config.yaml"), join(run.uri, "config.yaml"), endpoint_url=run.endpoint_url)
     logger.info(
         "training %s with %s worker(s) x batch %d in %s%s",
         cfg.name, cfg.ray.num_workers, cfg.data.batch_size, redact_uri(run.uri),
-        f" (resuming from {existing[-1]})" if existing else "",
+        f" (resuming from {resumed})" if resumed else "",
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -211,10 +329,10 @@ def train_ray(cfg: ExperimentConfig, *, resume: bool = True, callbacks: list | N
             storage_filesystem=run.storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), _EndAtInputError()],
         ),
     )
-    result = trainer.fit()
+    result = _fit(trainer)
     metrics = dict(result.metrics or {})
     val = {k.removeprefix("val/"): float(v) for k, v in metrics.items() if k.startswith("val/")} or None
     best = join(run.uri, "model_best.pt")
@@ -249,13 +367,14 @@ class _RunFiles:
     """Rank 0's metrics, reports and best weights: written in a local staging folder and
     copied into the run folder after each report (TensorBoard cannot write to every store)."""
 
-    def __init__(self, run_uri: str, endpoint_url: str | None) -> None:
+    def __init__(self, run_uri: str, endpoint_url: str | None, *, resume_at: int) -> None:
         self.run_uri = run_uri
         self.endpoint_url = endpoint_url
         self.staging = Path(tempfile.mkdtemp(prefix="uniinst-run-"))
-        # A resumed run appends to its metrics instead of starting them again.
+        # A resumed run appends to its metrics instead of starting them again, without the
+        # rows of the iterations after its checkpoint (``resume_at``), which it redoes.
         download_file(join(run_uri, "metrics.jsonl"), self.staging / "metrics.jsonl", endpoint_url=endpoint_url)
-        self.writer = MetricsWriter(self.staging)
+        self.writer = MetricsWriter(self.staging, resume_at=resume_at)
         self._synced: dict[Path, tuple[int, int]] = {}
         self._closed = False
 
@@ -385,6 +504,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed_everything(cfg.train.seed + rank)
 
     model = build_model(cfg.model).to(device)
+    convert_sync_batchnorm(model, cfg.model, world)
     forward_model: torch.nn.Module = model
     if world > 1:
         forward_model = torch.nn.parallel.DistributedDataParallel(
@@ -397,8 +517,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     position, latest_val = _restore(trainer, checkpoint, rank, device) if checkpoint is not None else (0, {})
     first_iteration = trainer.iteration
-    files = _RunFiles(config["run_uri"], cfg.data.endpoint_url or None) if rank == 0 else None
-    if files is not None:
+    files: _RunFiles | None = None
+    if rank == 0:
+        files = _RunFiles(config["run_uri"], cfg.data.endpoint_url or None, resume_at=first_iteration)
         if checkpoint is not None:
             files.writer.write(trainer.iteration, {"resumed": 1.0, "workers": float(world)}, prefix="event/")
             logger.info("resumed at iteration %d with %d worker(s)", trainer.iteration, world)
@@ -513,7 +634,7 @@ def format_summary(result: RayTrainResult) -> str:
 
 def draw_shard_predictions(
     checkpoint: str,
-    shards: str,
+    shards: str | None,
     out_dir: str | Path,
     *,
     num_images: int = 8,
@@ -521,7 +642,8 @@ def draw_shard_predictions(
     device: str = "cpu",
 ) -> int:
     """PNGs of the predictions of ``checkpoint`` (a ``.pt`` file or a run's checkpoint folder)
-    on the first ``num_images`` images of the shard dataset ``shards``; returns how many."""
+    on the first ``num_images`` images of the shard dataset ``shards`` (None: the val shards
+    the run evaluated on, from the checkpoint's config); returns how many."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -531,6 +653,7 @@ def draw_shard_predictions(
 
     state = load_run_checkpoint(checkpoint, endpoint_url=endpoint_url, map_location=device)
     cfg = config_from_dict(state["config"])
+    shards = shards or cfg.data.val.shards
     model = build_model(cfg.model).to(device).eval()
     model.load_state_dict(state["model"])
     class_names = state.get("meta", {}).get("class_names") or [str(i) for i in range(cfg.model.num_classes)]

@@ -202,7 +202,7 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> SearchResult:
 
     connect()
     _check_state_api()
-    prepare_run_data(trial, uri, endpoint)
+    trial, _ = prepare_run_data(trial, uri, endpoint)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "search.yaml"
         local.write_text(yaml.safe_dump(search_to_dict(cfg), sort_keys=False))
