@@ -12,6 +12,8 @@ from uniinst.assign.aux import aux_many_to_one
 from uniinst.assign.candidates import center_region_candidates, locations_inside_masks, rank_within_groups
 from uniinst.assign.fcos import fcos_assign
 from uniinst.assign.oyor import OYORAssignment, OYORMatcher
+from uniinst.data.collate import make_targets as collate_targets
+from uniinst.modeling.criterion import CondInstCriterion, FlatOutputs
 from uniinst.structures import Targets
 
 
@@ -85,6 +87,23 @@ def test_locations_inside_masks_reads_clamped_stride4_cell():
     inside = locations_inside_masks(locations, masks, loc_idx, gt_idx)
     assert inside.dtype == torch.bool
     assert inside.tolist() == [True, False, True, True, False]
+
+
+def test_locations_inside_masks_reads_the_locations_own_pixel():
+    # One GT whose full-size 32x32 mask is the single pixel (12, 20), the location of stride 8
+    # at (1, 2). Neighbouring locations and pixels 1 or 2 px away are outside.
+    full = torch.zeros(1, 32, 32)
+    full[0, 20, 12] = 1.0
+    locations, _, _ = grid_locations([(4, 4)], [8])
+    loc_idx = torch.arange(16)
+    gt_idx = torch.zeros(16, dtype=torch.long)
+    expected = [n == 9 for n in range(16)]
+    assert locations_inside_masks(locations, full, loc_idx, gt_idx, mask_stride=1).tolist() == expected
+    # The stride-4 grid at [0::4, 0::4] holds the same pixels of every location.
+    assert locations_inside_masks(locations, full[:, 0::4, 0::4], loc_idx, gt_idx).tolist() == expected
+    shifted = torch.zeros(1, 32, 32)
+    shifted[0, 21, 13] = shifted[0, 19, 11] = shifted[0, 22, 14] = 1.0
+    assert not locations_inside_masks(locations, shifted, loc_idx, gt_idx, mask_stride=1).any()
 
 
 def test_rank_within_groups():
@@ -367,29 +386,34 @@ def test_oyor_cand_inside_and_bad_mask_shape():
 # ---------------------------------------------------------------- auxiliary rule
 
 
-def aux_reference(cls_logits, levels, gt_labels, cand_locs, cand_gts, cand_dice, cand_inside, alpha, topk):
-    quality = {}
+def aux_reference(cls_logits, levels, gt_labels, cand_locs, cand_gts, cand_dice, cand_inside, alpha, topk, threshold):
+    """The authors' procedure on the dense G x N quality matrix (−1 off the valid candidates),
+    by loops; ``valid_mean`` averages the valid slots only."""
+    n = levels.numel()
+    quality = [[-1.0] * n for _ in range(len(gt_labels))]
     for loc, g, d, inside in zip(cand_locs.tolist(), cand_gts.tolist(), cand_dice.tolist(), cand_inside.tolist()):
         if inside:
             p = torch.sigmoid(cls_logits[loc, gt_labels[g]].double()).item()
-            quality[(loc, g)] = p ** (1 - alpha) * d ** alpha
+            quality[g][loc] = p ** (1 - alpha) * d ** alpha
     claims = {}
-    for g in range(len(gt_labels)):
+    for g, row in enumerate(quality):
+        if max(row) < 0:
+            continue
         pooled = []
         for level in sorted(set(levels.tolist())):
-            items = [(q, loc) for (loc, gg), q in quality.items() if gg == g and levels[loc].item() == level]
-            pooled += sorted(items, reverse=True)[:topk]
-        if not pooled:
-            continue
-        mean = sum(q for q, _ in pooled) / len(pooled)
+            slots = [(row[loc], -loc) for loc in range(n) if levels[loc].item() == level]
+            pooled += [(q, -neg) for q, neg in sorted(slots, reverse=True)[:topk]]
+        valid = [q for q, _ in pooled if q >= 0]
+        mean = sum(q for q, _ in pooled) / len(pooled) if threshold == "authors" else sum(valid) / len(valid)
         for q, loc in pooled:
-            if q >= mean and (loc not in claims or q > claims[loc][0]):
+            if q >= 0 and q >= mean and (loc not in claims or q > claims[loc][0]):
                 claims[loc] = (q, g)
     return {(loc, g) for loc, (_, g) in claims.items()}
 
 
+@pytest.mark.parametrize("threshold", ["authors", "valid_mean"])
 @pytest.mark.parametrize("seed", range(3))
-def test_aux_matches_loop_reference(seed):
+def test_aux_matches_loop_reference_with_dense_candidates(seed, threshold):
     gen = torch.Generator().manual_seed(seed)
     _, _, levels = grid_locations([(5, 5), (5, 5)], [8, 16])
     n, k, g = levels.numel(), 4, 3
@@ -406,12 +430,64 @@ def test_aux_matches_loop_reference(seed):
         for level in range(2):
             sel = (cand_gts == gi) & (levels[cand_locs] == level) & cand_inside
             assert int(sel.sum()) > 9
-    pos_locs, pos_gts = aux_many_to_one(cls_logits, levels, gt_labels, cand_locs, cand_gts, cand_dice, cand_inside)
-    expected = aux_reference(cls_logits, levels, gt_labels, cand_locs, cand_gts, cand_dice, cand_inside, 0.9, 9)
+    pos_locs, pos_gts = aux_many_to_one(
+        cls_logits, levels, gt_labels, cand_locs, cand_gts, cand_dice, cand_inside, threshold=threshold
+    )
+    expected = aux_reference(
+        cls_logits, levels, gt_labels, cand_locs, cand_gts, cand_dice, cand_inside, 0.9, 9, threshold
+    )
     assert set(zip(pos_locs.tolist(), pos_gts.tolist())) == expected
     assert pos_locs.tolist() == sorted(pos_locs.tolist())
     assert len(set(pos_locs.tolist())) == pos_locs.numel()
     assert 0 < len(expected) < int(cand_inside.sum())
+
+
+@pytest.mark.parametrize("threshold", ["authors", "valid_mean"])
+@pytest.mark.parametrize("seed", range(4))
+def test_aux_matches_loop_reference_with_sparse_candidates(seed, threshold):
+    # Centre regions as in training: a few candidates a level, some levels without any, and a
+    # last level with fewer locations than k.
+    gen = torch.Generator().manual_seed(seed)
+    _, _, levels = grid_locations([(6, 6), (4, 4), (2, 2), (1, 2)], [8, 16, 32, 64])
+    n, g = levels.numel(), 4
+    cls_logits = torch.randn(n, 3, generator=gen) * 2
+    gt_labels = torch.randint(0, 3, (g,), generator=gen)
+    pairs = [(loc, gi) for gi in range(g) for loc in range(n) if torch.rand(1, generator=gen).item() < 0.15]
+    cand_locs = torch.tensor([loc for loc, _ in pairs])
+    cand_gts = torch.tensor([gi for _, gi in pairs])
+    cand_dice = torch.rand(len(pairs), generator=gen)
+    cand_inside = torch.rand(len(pairs), generator=gen) < 0.8
+    pos_locs, pos_gts = aux_many_to_one(
+        cls_logits, levels, gt_labels, cand_locs, cand_gts, cand_dice, cand_inside, threshold=threshold
+    )
+    expected = aux_reference(
+        cls_logits, levels, gt_labels, cand_locs, cand_gts, cand_dice, cand_inside, 0.9, 9, threshold
+    )
+    assert expected
+    assert set(zip(pos_locs.tolist(), pos_gts.tolist())) == expected
+
+
+def test_aux_threshold_hand_case():
+    # Levels of 4, 4 and 1 locations, k = 2: 2 + 2 + 1 = 5 slots per GT. alpha = 1 makes Q the Dice.
+    _, _, levels = grid_locations([(2, 2), (2, 2), (1, 1)], [8, 16, 32])
+    cls_logits = torch.zeros(9, 2)
+    gt_labels = torch.tensor([0, 1])
+    cand_locs = torch.tensor([0, 1, 2, 4, 5, 2, 3, 6, 7])
+    cand_gts = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1])
+    cand_dice = torch.tensor([0.75, 0.5, 0.25, 0.25, 1.0, 1.0, 1.0, 1.0, 0.25])
+    cand_inside = torch.tensor([True, True, True, True, False, True, True, True, True])
+    # GT 0: top-2 slots hold 0.75, 0.5 | 0.25, −1 (location 5 is outside the mask) | −1:
+    # threshold (1.5 − 2) / 5 = −0.1, so locations 0, 1, 4 are positives (2 is beyond its level's
+    # top 2). The mean of the valid ones, 1.5 / 3 = 0.5, keeps 0 and 1 (Q ≥ mean).
+    # GT 1: 1, 1 | 1, 0.25 | −1: threshold (3.25 − 1) / 5 = 0.45 keeps 2, 3, 6, not 7 (it would
+    # with k slots on the 1-location level: 1.25 / 6 < 0.25); the valid mean 0.8125 too.
+    args = (cls_logits, levels, gt_labels, cand_locs, cand_gts, cand_dice, cand_inside)
+    pos_locs, pos_gts = aux_many_to_one(*args, alpha=1.0, topk=2)
+    assert list(zip(pos_locs.tolist(), pos_gts.tolist())) == [(0, 0), (1, 0), (2, 1), (3, 1), (4, 0), (6, 1)]
+    pos_locs, pos_gts = aux_many_to_one(*args, alpha=1.0, topk=2, threshold="valid_mean")
+    assert list(zip(pos_locs.tolist(), pos_gts.tolist())) == [(0, 0), (1, 0), (2, 1), (3, 1), (6, 1)]
+    with pytest.raises(ValueError, match="threshold"):
+        aux_many_to_one(*args, threshold="mean_std")
 
 
 def test_aux_conflict_goes_to_higher_quality_and_outside_mask_never_positive():
@@ -424,11 +500,15 @@ def test_aux_conflict_goes_to_higher_quality_and_outside_mask_never_positive():
     cand_gts = torch.tensor([0, 0, 0, 1, 1])
     cand_dice = torch.tensor([0.6, 0.5, 0.99, 0.8, 0.7])
     cand_inside = torch.tensor([True, True, False, True, True])
-    pos_locs, pos_gts = aux_many_to_one(cls_logits, levels, gt_labels, cand_locs, cand_gts, cand_dice, cand_inside)
-    # p is equal everywhere, so Q follows the Dice: GT 0 pools locations {0, 1} and only 0 is
-    # above the mean; GT 1 pools {0, 2} and only 0 is above the mean. Location 0 goes to GT 1
-    # (higher quality); location 3 never appears.
+    args = (cls_logits, levels, gt_labels, cand_locs, cand_gts, cand_dice, cand_inside)
+    # p is equal everywhere, so Q follows the Dice. Mean of the valid candidates: GT 0 pools
+    # {0, 1} and only 0 reaches it; GT 1 pools {0, 2} and only 0 reaches it. Location 0 goes to
+    # GT 1 (higher quality); location 3 never appears.
+    pos_locs, pos_gts = aux_many_to_one(*args, threshold="valid_mean")
     assert list(zip(pos_locs.tolist(), pos_gts.tolist())) == [(0, 1)]
+    # The authors' mean has 2 empty slots of 4 per GT: negative, so every valid candidate passes.
+    pos_locs, pos_gts = aux_many_to_one(*args)
+    assert list(zip(pos_locs.tolist(), pos_gts.tolist())) == [(0, 1), (1, 0), (2, 1)]
 
 
 def test_aux_without_candidates():
@@ -444,14 +524,20 @@ def test_aux_without_candidates():
 # ---------------------------------------------------------------- FCOS baseline
 
 
+def box_centers(boxes: torch.Tensor) -> torch.Tensor:
+    return (boxes[:, :2] + boxes[:, 2:]) / 2
+
+
 def test_fcos_scale_ranges():
     locations = torch.tensor([[100.0, 100.0]] * 3)
     levels = torch.tensor([0, 1, 2])
     strides = torch.tensor([8, 16, 32])
     # max(l, t, r, b) = 70: only level 1's range [64, 128] accepts it.
-    assert fcos_assign(locations, levels, strides, torch.tensor([[30.0, 30.0, 170.0, 170.0]])).tolist() == [-1, 0, -1]
+    boxes = torch.tensor([[30.0, 30.0, 170.0, 170.0]])
+    assert fcos_assign(locations, levels, strides, boxes, box_centers(boxes)).tolist() == [-1, 0, -1]
     # max(l, t, r, b) = 64 lies on the border of levels 0 and 1: both accept it.
-    assert fcos_assign(locations, levels, strides, torch.tensor([[36.0, 36.0, 164.0, 164.0]])).tolist() == [0, 0, -1]
+    boxes = torch.tensor([[36.0, 36.0, 164.0, 164.0]])
+    assert fcos_assign(locations, levels, strides, boxes, box_centers(boxes)).tolist() == [0, 0, -1]
 
 
 def test_fcos_smaller_area_wins():
@@ -459,10 +545,10 @@ def test_fcos_smaller_area_wins():
     levels = torch.tensor([0])
     strides = torch.tensor([8])
     boxes = torch.tensor([[60.0, 60.0, 140.0, 140.0], [70.0, 70.0, 130.0, 130.0]])
-    assert fcos_assign(locations, levels, strides, boxes).tolist() == [1]
-    assert fcos_assign(locations, levels, strides, boxes.flip(0)).tolist() == [0]
+    assert fcos_assign(locations, levels, strides, boxes, box_centers(boxes)).tolist() == [1]
+    assert fcos_assign(locations, levels, strides, boxes.flip(0), box_centers(boxes.flip(0))).tolist() == [0]
     same = torch.tensor([[70.0, 70.0, 130.0, 130.0], [70.0, 70.0, 130.0, 130.0]])
-    assert fcos_assign(locations, levels, strides, same).tolist() == [0]
+    assert fcos_assign(locations, levels, strides, same, box_centers(same)).tolist() == [0]
 
 
 def test_fcos_center_sampling_radius():
@@ -473,21 +559,46 @@ def test_fcos_center_sampling_radius():
     strides = torch.full((6,), 8)
     boxes = torch.tensor([[0.0, 0.0, 200.0, 200.0]])
     # One level with the range [-1, inf], so only the centre region and the box matter.
-    assign = fcos_assign(locations, levels, strides, boxes, sizes_of_interest=())
+    centers = torch.tensor([[100.0, 100.0]])
+    assign = fcos_assign(locations, levels, strides, boxes, centers, sizes_of_interest=())
     assert assign.tolist() == [0, -1, 0, -1, -1, -1]
-    assign = fcos_assign(locations, levels, strides, boxes, sizes_of_interest=(), radius=2.0)
+    assign = fcos_assign(locations, levels, strides, boxes, centers, sizes_of_interest=(), radius=2.0)
     assert assign.tolist() == [0, 0, 0, -1, -1, -1]
     centers = torch.tensor([[150.0, 150.0]])
-    assign = fcos_assign(locations, levels, strides, boxes, sizes_of_interest=(), centers=centers)
+    assign = fcos_assign(locations, levels, strides, boxes, centers, sizes_of_interest=())
     assert assign.tolist() == [-1, -1, -1, 0, -1, -1]
     # Centre near the right edge: the square is clipped to the box.
     centers = torch.tensor([[195.0, 100.0]])
-    assign = fcos_assign(locations, levels, strides, boxes, sizes_of_interest=(), centers=centers)
+    assign = fcos_assign(locations, levels, strides, boxes, centers, sizes_of_interest=())
     assert assign.tolist() == [-1, -1, -1, -1, 0, -1]
+
+
+def test_condinst_centre_sampling_is_around_the_mask_centre_of_mass():
+    # An L-shaped mask: box (0, 16, 64, 64), box centre (32, 40). Its 64x16 bottom bar (1024 px,
+    # centre (32, 56)) and 16x32 left bar (512 px, centre (8, 32)) put the centre of mass at
+    # (24, 48).
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    masks[0, 48:, :] = 1
+    masks[0, 16:48, :16] = 1
+    targets = collate_targets(masks, torch.tensor([0]), (64, 64))
+    torch.testing.assert_close(targets.centers, torch.tensor([[24.0, 48.0]]))
+    locations, strides, levels = grid_locations([(8, 8)], [8])
+    n = locations.shape[0]
+    out = FlatOutputs(
+        cls_logits=torch.zeros(1, n, 1), controllers=torch.zeros(1, n, 1), iou_preds=None, filters=None,
+        locations=locations, levels=levels, strides=strides,
+    )
+    (assign,) = CondInstCriterion(sizes_of_interest=()).assign(out, [targets])
+    # Half-side 12 around (24, 48), strict: x in {20, 28}, y in {44, 52} (around the box centre
+    # it would be x in {28, 36}, y in {36, 44}).
+    expected = [n for n, (x, y) in enumerate(locations.tolist()) if x in (20, 28) and y in (44, 52)]
+    assert torch.nonzero(assign >= 0).flatten().tolist() == expected
+    assert set(assign[expected].tolist()) == {0}
 
 
 def test_fcos_without_boxes_and_bad_level():
     locations = torch.tensor([[4.0, 4.0]])
-    assert fcos_assign(locations, torch.tensor([0]), torch.tensor([8]), torch.zeros(0, 4)).tolist() == [-1]
+    assign = fcos_assign(locations, torch.tensor([0]), torch.tensor([8]), torch.zeros(0, 4), torch.zeros(0, 2))
+    assert assign.tolist() == [-1]
     with pytest.raises(ValueError, match="level"):
-        fcos_assign(locations, torch.tensor([5]), torch.tensor([8]), torch.zeros(1, 4))
+        fcos_assign(locations, torch.tensor([5]), torch.tensor([8]), torch.zeros(1, 4), torch.zeros(1, 2))

@@ -77,6 +77,9 @@ class OYORConfig:
 class AuxConfig:
     enabled: bool = True
     topk: int = 9
+    # The positives' threshold: the authors' mean over the k·L top-k slots, empty ones counting
+    # −1 (default), or the mean of the valid candidates only (the paper's "above average").
+    threshold: Literal["authors", "valid_mean"] = "authors"
 
 
 @dataclass

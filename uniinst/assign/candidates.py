@@ -45,14 +45,18 @@ def center_region_candidates(
 def locations_inside_masks(
     locations: Tensor, masks: Tensor, loc_idx: Tensor, gt_idx: Tensor, *, mask_stride: int = 4
 ) -> Tensor:
-    """Whether each candidate's location falls inside its GT mask.
+    """Whether each candidate's location falls inside its GT mask, read at its own pixel.
 
-    The mask grid cell read for a location (x, y) is ``(floor(y / mask_stride),
-    floor(x / mask_stride))``, clamped to the grid; a cell is inside when its value exceeds 0.5.
+    ``masks`` holds the masks at the pixels ``(s·j, s·i)`` (``s = mask_stride``: the padded
+    full-size masks sampled at ``[0::s, 0::s]``; ``s = 1`` is the full-size mask). A location
+    (x, y) reads cell ``(floor(y / s), floor(x / s))``, clamped to the grid: pixel (x, y) itself
+    whenever ``s`` divides its coordinates, as 4 does for every FPN location ``j·t + t/2`` of a
+    stride ``t`` multiple of 8. A cell is inside when its value exceeds 0.5. (A grid sampled at
+    ``[2::4, 2::4]``, the stride-4 Dice targets, would be read 2 px off, at (x + 2, y + 2).)
 
     Args:
         locations: float ``[N, 2]`` (x, y).
-        masks: ``[G, h, w]`` GT masks at ``mask_stride``.
+        masks: ``[G, h, w]`` GT masks sampled at ``[0::mask_stride, 0::mask_stride]``.
         loc_idx, gt_idx: long ``[C]`` candidate pairs.
 
     Returns:

@@ -15,17 +15,17 @@ def fcos_assign(
     levels: Tensor,
     strides: Tensor,
     boxes: Tensor,
+    centers: Tensor,
     *,
     sizes_of_interest: Sequence[float] = (64, 128, 256, 512),
     radius: float = 1.5,
-    centers: Tensor | None = None,
 ) -> Tensor:
     """Matched GT index of every location, or −1 for background.
 
     A location is a positive of GT ``g`` when it lies strictly inside the centre region (the
-    square of half-side ``radius·stride`` around the box centre, or around ``centers[g]`` when
-    given, clipped to the box, hence strictly inside the box too) and the largest of its
-    distances (l, t, r, b) to the box falls in its level's range ``[lo, hi]``, with ranges
+    square of half-side ``radius·stride`` around ``centers[g]``, the mask's centre of mass as in
+    AdelaiDet with masks, clipped to the box, hence strictly inside the box too) and the largest
+    of its distances (l, t, r, b) to the box falls in its level's range ``[lo, hi]``, with ranges
     ``[−1, s0], [s0, s1], ..., [s_last, ∞]`` built from ``sizes_of_interest``. Among several such
     GTs the one with the smallest box area wins (the lower index on equal areas).
 
@@ -34,7 +34,7 @@ def fcos_assign(
         levels: long ``[N]`` level index of each location (0 for P3).
         strides: ``[N]``.
         boxes: float ``[G, 4]`` (x1, y1, x2, y2).
-        centers: optional float ``[G, 2]`` (x, y) centres of mass used for centre sampling.
+        centers: float ``[G, 2]`` (x, y) centres of mass of the GT masks.
 
     Returns:
         long ``[N]``.
@@ -57,10 +57,7 @@ def fcos_assign(
     max_distance = torch.stack((xs - x1, ys - y1, x2 - xs, y2 - ys), dim=-1).amax(dim=-1)
     in_range = (max_distance >= lower) & (max_distance <= upper)
 
-    if centers is None:
-        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    else:
-        cx, cy = centers[None, :, 0], centers[None, :, 1]
+    cx, cy = centers[None, :, 0], centers[None, :, 1]
     half = radius * strides.to(locations.dtype)[:, None]
     in_center = (
         (xs > torch.maximum(cx - half, x1))

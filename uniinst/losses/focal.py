@@ -1,16 +1,13 @@
-"""Sigmoid focal loss, on probabilities (DeFCN's joint score) and on logits (spec §4)."""
+"""Sigmoid focal loss, on the joint probability (DeFCN's σ(cls)·σ(filter)) and on logits (spec §4)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import sigmoid_focal_loss
 
 _REDUCTIONS = ("none", "sum", "mean")
-
-# Keeps log(p) and log(1 − p) finite; the computation runs in at least float32 so that 1 − eps
-# stays below 1.
-_PROB_EPS = 1e-6
 
 
 def _check_reduction(reduction: str) -> None:
@@ -26,25 +23,37 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
     return loss
 
 
-def focal_loss_on_probs(
-    probs: Tensor, targets: Tensor, *, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "sum"
+def focal_loss_on_joint_logits(
+    cls_logits: Tensor,
+    filter_logits: Tensor,
+    targets: Tensor,
+    *,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "sum",
 ) -> Tensor:
-    """Focal loss of probabilities ``probs`` against 0/1 ``targets`` (same shape).
+    """Focal loss of the joint probability ``p = σ(a)·σ(b)`` against 0/1 ``targets``.
 
-    ``ce = −(t·log p + (1 − t)·log(1 − p))`` with ``p`` clamped to ``[eps, 1 − eps]`` inside the
-    logarithms, ``p_t = p·t + (1 − p)(1 − t)``, ``loss = α_t·(1 − p_t)^γ·ce`` with
-    ``α_t = α·t + (1 − α)(1 − t)``; a negative ``alpha`` disables the α weighting.
+    ``a = cls_logits`` and ``b = filter_logits`` broadcast against ``targets``.
+    ``ce = −(t·log p + (1 − t)·log(1 − p))``, ``loss = α_t·(1 − p_t)^γ·ce`` with
+    ``p_t = p·t + (1 − p)(1 − t)`` and ``α_t = α·t + (1 − α)(1 − t)``; a negative ``alpha``
+    disables the α weighting. This is the authors' focal loss on ``F.binary_cross_entropy`` of
+    ``p``, but with both logarithms taken from the logits, ``log p = logσ(a) + logσ(b)`` and
+    ``log(1 − p) = log(σ(−a) + σ(a)·σ(−b))``, so that the gradient survives where ``p`` is too
+    close to 0 or 1 for float32 (a clamp of ``p`` at 1e-6 would zero it: a positive at
+    ``p = 5e-7`` keeps ``dL/dp ≈ −5e5``, not −6.9).
     """
     _check_reduction(reduction)
-    dtype = torch.promote_types(probs.dtype, torch.float32)
-    probs = probs.to(dtype)
-    targets = targets.to(dtype)
-    clamped = probs.clamp(_PROB_EPS, 1.0 - _PROB_EPS)
-    ce = -(targets * torch.log(clamped) + (1.0 - targets) * torch.log1p(-clamped))
-    p_t = probs * targets + (1.0 - probs) * (1.0 - targets)
-    loss = ce * (1.0 - p_t) ** gamma
+    dtype = torch.promote_types(torch.promote_types(cls_logits.dtype, filter_logits.dtype), torch.float32)
+    a, b, t = cls_logits.to(dtype), filter_logits.to(dtype), targets.to(dtype)
+    log_sig_a = F.logsigmoid(a)
+    log_p = log_sig_a + F.logsigmoid(b)
+    log_1mp = torch.logaddexp(F.logsigmoid(-a), log_sig_a + F.logsigmoid(-b))
+    ce = -(t * log_p + (1.0 - t) * log_1mp)
+    # 1 − p_t = p·(1 − t) + (1 − p)·t, with 1 − p from its log: no cancellation near p = 1.
+    loss = ce * (log_p.exp() * (1.0 - t) + log_1mp.exp() * t) ** gamma
     if alpha >= 0:
-        loss = (alpha * targets + (1.0 - alpha) * (1.0 - targets)) * loss
+        loss = (alpha * t + (1.0 - alpha) * (1.0 - t)) * loss
     return _reduce(loss, reduction)
 
 

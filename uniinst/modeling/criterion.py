@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from uniinst.assign.aux import aux_many_to_one
+from uniinst.assign.aux import AuxThreshold, aux_many_to_one
 from uniinst.assign.fcos import fcos_assign
 from uniinst.assign.oyor import OYORAssignment, OYORMatcher
 from uniinst.losses.dice import dice_loss
 from uniinst.losses.distributed import global_mean, reduce_mean
-from uniinst.losses.focal import focal_loss_on_logits, focal_loss_on_probs
+from uniinst.losses.focal import focal_loss_on_joint_logits, focal_loss_on_logits
 from uniinst.modeling.dynamic_mask_head import DynamicMaskHead
 from uniinst.structures import Targets
 
@@ -82,6 +82,7 @@ class UniInstCriterion(nn.Module):
         max_candidates: int = 4096,
         use_aux: bool = True,
         aux_topk: int = 9,
+        aux_threshold: AuxThreshold = "authors",
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         max_mask_instances: int = 500,
@@ -95,6 +96,7 @@ class UniInstCriterion(nn.Module):
         self.alpha = alpha
         self.use_aux = use_aux
         self.aux_topk = aux_topk
+        self.aux_threshold = aux_threshold
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.max_mask_instances = max_mask_instances
@@ -154,14 +156,19 @@ class UniInstCriterion(nn.Module):
                     a.cand_inside,
                     alpha=self.alpha,
                     topk=self.aux_topk,
+                    threshold=self.aux_threshold,
                 )
                 aux_target[b, pos_locs, tgt.labels[pos_gts]] = 1.0
                 num_aux += pos_locs.numel()
 
         num_matched = sum(a.matched_locs.numel() for a in assignments)
         norm_cls = reduce_mean(torch.tensor(float(num_matched), device=device)).clamp(min=1.0)
-        probs = out.cls_logits.float().sigmoid() * out.filters.float().sigmoid().unsqueeze(-1)
-        loss_cls = focal_loss_on_probs(probs, cls_target, alpha=self.focal_alpha, gamma=self.focal_gamma) / norm_cls
+        loss_cls = (
+            focal_loss_on_joint_logits(
+                out.cls_logits, out.filters.unsqueeze(-1), cls_target, alpha=self.focal_alpha, gamma=self.focal_gamma
+            )
+            / norm_cls
+        )
 
         # Mask and rank terms are means over the instances of the global batch (global_mean),
         # so that splitting a batch over workers does not change the gradient.
@@ -225,6 +232,21 @@ class CondInstCriterion(nn.Module):
         self.max_mask_instances = max_mask_instances
         self.weights = {"cls": weight_cls, "mask": weight_mask}
 
+    def assign(self, out: FlatOutputs, targets: list[Targets]) -> list[Tensor]:
+        """Matched GT index of every location (−1: background), long ``[N]`` per image."""
+        return [
+            fcos_assign(
+                out.locations,
+                out.levels,
+                out.strides,
+                tgt.boxes,
+                tgt.centers,
+                sizes_of_interest=self.sizes_of_interest,
+                radius=self.radius,
+            )
+            for tgt in targets
+        ]
+
     def forward(
         self, mask_head: DynamicMaskHead, mask_feats: Tensor, out: FlatOutputs, targets: list[Targets]
     ) -> dict[str, Tensor]:
@@ -232,16 +254,7 @@ class CondInstCriterion(nn.Module):
         device = out.cls_logits.device
         cls_target = torch.zeros(B, N, K, device=device)
         p_img, p_loc, p_masks = [], [], []
-        for b, tgt in enumerate(targets):
-            with torch.no_grad():
-                gt_of_loc = fcos_assign(
-                    out.locations,
-                    out.levels,
-                    out.strides,
-                    tgt.boxes,
-                    sizes_of_interest=self.sizes_of_interest,
-                    radius=self.radius,
-                )
+        for b, (tgt, gt_of_loc) in enumerate(zip(targets, self.assign(out, targets))):
             pos = torch.nonzero(gt_of_loc >= 0).squeeze(1)
             gts = gt_of_loc[pos]
             cls_target[b, pos, tgt.labels[gts]] = 1.0

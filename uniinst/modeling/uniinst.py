@@ -225,6 +225,7 @@ def build_model(cfg: ModelConfig) -> UniInst:
             max_candidates=cfg.oyor.max_candidates,
             use_aux=cfg.aux.enabled,
             aux_topk=cfg.aux.topk,
+            aux_threshold=cfg.aux.threshold,
             focal_alpha=loss.focal_alpha,
             focal_gamma=loss.focal_gamma,
             max_mask_instances=cfg.mask_head.max_instances,
