@@ -125,6 +125,7 @@ def make_targets(
     return Targets(
         labels=torch.tensor(labels, dtype=torch.long),
         masks=masks.float(),
+        point_masks=masks > 0.5,  # the same grid read as each location's own pixel
         boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
         centers=torch.tensor(centers, dtype=torch.float32).reshape(-1, 2),
     )
@@ -190,7 +191,7 @@ def random_oyor_case(gen: torch.Generator, num_gts: int, num_classes: int = 3):
     boxes = torch.cat((xy1, xy1 + wh), dim=1)
     centers = xy1 + wh * (0.25 + 0.5 * torch.rand(num_gts, 2, generator=gen))
     labels = torch.randint(0, num_classes, (num_gts,), generator=gen)
-    targets = Targets(labels=labels, masks=masks, boxes=boxes, centers=centers)
+    targets = Targets(labels=labels, masks=masks, point_masks=masks > 0.5, boxes=boxes, centers=centers)
     return cls_logits, filter_logits, locations, strides, targets, bank
 
 
@@ -359,7 +360,7 @@ def test_oyor_without_gts_returns_empty_tensors():
     n = locations.shape[0]
     targets = Targets(
         labels=torch.zeros(0, dtype=torch.long), masks=torch.zeros(0, 8, 8),
-        boxes=torch.zeros(0, 4), centers=torch.zeros(0, 2),
+        point_masks=torch.zeros(0, 8, 8, dtype=torch.bool), boxes=torch.zeros(0, 4), centers=torch.zeros(0, 2),
     )
     mask_fn = CountingMaskFn(torch.zeros(n, 8, 8))
     result = OYORMatcher()(torch.zeros(n, 3), torch.zeros(n), locations, strides, targets, mask_fn)
@@ -374,7 +375,7 @@ def test_oyor_without_gts_returns_empty_tensors():
 def test_oyor_cand_inside_and_bad_mask_shape():
     cls_logits, filter_logits, locations, strides, targets, bank = one_gt_two_candidates((0.0, 0.0))
     # Location 5 is (12, 12) -> cell (3, 3); location 6 is (20, 12) -> cell (3, 5).
-    targets.masks[0, 3, 3] = 1.0
+    targets.point_masks[0, 3, 3] = True
     result = OYORMatcher()(cls_logits, filter_logits, locations, strides, targets, CountingMaskFn(bank))
     assert result.cand_inside.tolist() == [True, False]
     with pytest.raises(ValueError, match="mask_logits_fn"):
@@ -602,3 +603,16 @@ def test_fcos_without_boxes_and_bad_level():
     assert assign.tolist() == [-1]
     with pytest.raises(ValueError, match="level"):
         fcos_assign(locations, torch.tensor([5]), torch.tensor([8]), torch.zeros(1, 4), torch.zeros(1, 2))
+
+
+def test_inside_the_mask_is_read_at_the_locations_own_pixel():
+    # A one-pixel GT at (12, 12), the pixel of the stride-8 location (1, 1), and its neighbour
+    # location (20, 12): only the first is inside. The Dice targets' grid ([2::4]) stands for
+    # pixel (14, 14) in that cell and would call neither inside.
+    mask = torch.zeros(1, 32, 32, dtype=torch.uint8)
+    mask[0, 12, 12] = 1
+    targets = collate_targets(mask, torch.tensor([0]), (32, 32))
+    locations = torch.tensor([[12.0, 12.0], [20.0, 12.0]])
+    pairs = (torch.tensor([0, 1]), torch.tensor([0, 0]))
+    assert locations_inside_masks(locations, targets.point_masks, *pairs).tolist() == [True, False]
+    assert locations_inside_masks(locations, targets.masks, *pairs).tolist() == [False, False]

@@ -43,7 +43,7 @@ def _assert_batches_equal(a: Batch, b: Batch) -> None:
     assert a.images.dtype == b.images.dtype and torch.equal(a.images, b.images)
     assert len(a.targets) == len(b.targets)
     for ta, tb in zip(a.targets, b.targets):
-        for name in ("labels", "masks", "boxes", "centers"):
+        for name in ("labels", "masks", "point_masks", "boxes", "centers"):
             x, y = getattr(ta, name), getattr(tb, name)
             assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), name
 

@@ -27,18 +27,22 @@ class Sample:
 class Targets:
     """Training targets of one image, in the padded input frame.
 
-    ``masks`` float ``[G, Hp/4, Wp/4]`` (the padded-size masks sampled at ``[2::4, 2::4]``),
-    ``boxes`` float ``[G, 4]`` (x1, y1, x2, y2 in input pixels, from the full-size mask),
-    ``centers`` float ``[G, 2]`` (x, y: the mask's centre of mass in input pixels).
+    ``masks`` float ``[G, Hp/4, Wp/4]`` (the padded-size masks sampled at ``[2::4, 2::4]``, the
+    centres of the stride-4 cells: the mask loss's targets), ``point_masks`` bool of the same
+    shape (sampled at ``[0::4, 0::4]``: every FPN location's own pixel, for the assigners'
+    inside-the-mask test), ``boxes`` float ``[G, 4]`` (x1, y1, x2, y2 in input pixels, from the
+    full-size mask), ``centers`` float ``[G, 2]`` (x, y: the mask's centre of mass in input pixels).
     """
 
     labels: Tensor
     masks: Tensor
+    point_masks: Tensor
     boxes: Tensor
     centers: Tensor
 
     def to(self, device: torch.device | str) -> "Targets":
-        return Targets(*(t.to(device, non_blocking=True) for t in (self.labels, self.masks, self.boxes, self.centers)))
+        fields = (self.labels, self.masks, self.point_masks, self.boxes, self.centers)
+        return Targets(*(t.to(device, non_blocking=True) for t in fields))
 
     def __len__(self) -> int:
         return int(self.labels.numel())

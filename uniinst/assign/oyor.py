@@ -131,7 +131,7 @@ class OYORMatcher:
 
         matched_cols, matched_gts = _match(quality, cand_gts, columns, len(targets), unique_locs.numel())
         matched_locs = unique_locs[matched_cols.to(device)]
-        cand_inside = locations_inside_masks(locations, targets.masks, cand_locs, cand_gts)
+        cand_inside = locations_inside_masks(locations, targets.point_masks, cand_locs, cand_gts)
         return OYORAssignment(
             matched_locs=matched_locs,
             matched_gts=matched_gts.to(device),

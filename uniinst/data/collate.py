@@ -15,7 +15,8 @@ def make_targets(masks: Tensor, labels: Tensor, padded_size: tuple[int, int], *,
     """Targets of one image from its uint8 ``[G, h, w]`` masks, in a ``padded_size`` input frame.
 
     Masks are zero-padded bottom/right to ``padded_size`` and sampled at
-    ``[s//2::s, s//2::s]`` (cell ``(i, j)`` stands for pixel ``(s*j + s//2, s*i + s//2)``).
+    ``[s//2::s, s//2::s]`` (cell ``(i, j)`` stands for pixel ``(s*j + s//2, s*i + s//2)``), and
+    at ``[0::s, 0::s]`` for the point masks (cell ``(i, j)`` is pixel ``(s*j, s*i)``).
     Boxes span the full-size mask in continuous pixel coordinates (x2 = last column + 1);
     centres are the mask's centre of mass, each pixel counted at its centre ``(col + 0.5, row + 0.5)``.
     """
@@ -34,6 +35,7 @@ def make_targets(masks: Tensor, labels: Tensor, padded_size: tuple[int, int], *,
     padded[:, :h, :w] = masks
     offset = mask_stride // 2
     strided = padded[:, offset::mask_stride, offset::mask_stride].float()
+    points = padded[:, ::mask_stride, ::mask_stride].bool()
 
     # int64 sums: per-row / per-column pixel counts of every mask.
     col_counts = masks.sum(dim=1, dtype=torch.int64)  # [G, w]
@@ -57,7 +59,8 @@ def make_targets(masks: Tensor, labels: Tensor, padded_size: tuple[int, int], *,
     centers = torch.stack([cx, cy], dim=1).float()
 
     return Targets(
-        labels=labels.to(torch.int64), masks=strided, boxes=boxes.reshape(num, 4), centers=centers.reshape(num, 2)
+        labels=labels.to(torch.int64), masks=strided, point_masks=points, boxes=boxes.reshape(num, 4),
+        centers=centers.reshape(num, 2),
     )
 
 

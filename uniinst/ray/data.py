@@ -102,6 +102,7 @@ STREAM_SCHEMA = pa.schema(
         ("num_instances", pa.int32()),
         ("image", pa.binary()),  # uint8 [3, height, width]
         ("masks", pa.binary()),  # uint8 [G, ceil(height / s), ceil(width / s)]
+        ("point_masks", pa.binary()),  # uint8, the same shape
         ("labels", pa.binary()),  # int64 [G]
         ("boxes", pa.binary()),  # float32 [G, 4]
         ("centers", pa.binary()),  # float32 [G, 2]
@@ -116,11 +117,13 @@ STREAM_SCHEMA = pa.schema(
 class StreamSample:
     """One training image as the stream ships it: the resized image and its targets before
     padding. ``masks`` are the image's masks sampled at ``[s//2::s, s//2::s]`` (uint8
-    ``[G, ceil(h/s), ceil(w/s)]``, 16x smaller than full masks at s=4); the cells that padding
-    adds later are zero, so they are filled in by :func:`collate_stream`."""
+    ``[G, ceil(h/s), ceil(w/s)]``, 16x smaller than full masks at s=4), ``point_masks`` at
+    ``[0::s, 0::s]`` (see :class:`~uniinst.structures.Targets`); the cells that padding adds
+    later are zero, so they are filled in by :func:`collate_stream`."""
 
     image: Tensor
     masks: Tensor
+    point_masks: Tensor
     labels: Tensor
     boxes: Tensor
     centers: Tensor
@@ -141,6 +144,7 @@ def to_stream_sample(sample: Sample, *, mask_stride: int = 4) -> StreamSample:
     return StreamSample(
         image=sample.image,
         masks=targets.masks.to(torch.uint8),
+        point_masks=targets.point_masks.to(torch.uint8),
         labels=targets.labels,
         boxes=targets.boxes,
         centers=targets.centers,
@@ -159,9 +163,14 @@ def collate_stream(samples: Sequence[StreamSample], *, size_divisibility: int = 
     for i, (sample, (h, w)) in enumerate(zip(samples, sizes)):
         images[i, :, :h, :w] = sample.image
         num, mh, mw = sample.masks.shape
-        masks = torch.zeros((num, hp // mask_stride, wp // mask_stride), dtype=torch.float32, device=sample.masks.device)
+        grid = (num, hp // mask_stride, wp // mask_stride)
+        masks = torch.zeros(grid, dtype=torch.float32, device=sample.masks.device)
         masks[:, :mh, :mw] = sample.masks
-        targets.append(Targets(labels=sample.labels, masks=masks, boxes=sample.boxes, centers=sample.centers))
+        points = torch.zeros(grid, dtype=torch.bool, device=sample.masks.device)
+        points[:, :mh, :mw] = sample.point_masks.bool()
+        targets.append(
+            Targets(labels=sample.labels, masks=masks, point_masks=points, boxes=sample.boxes, centers=sample.centers)
+        )
     return Batch(
         images=images,
         image_sizes=sizes,
@@ -183,6 +192,7 @@ def _sample_row(sample: StreamSample) -> dict[str, Any]:
         "num_instances": len(sample.labels),
         "image": sample.image.numpy().tobytes(),
         "masks": sample.masks.numpy().tobytes(),
+        "point_masks": sample.point_masks.numpy().tobytes(),
         "labels": sample.labels.numpy().astype(np.int64, copy=False).tobytes(),
         "boxes": sample.boxes.numpy().astype(np.float32, copy=False).tobytes(),
         "centers": sample.centers.numpy().astype(np.float32, copy=False).tobytes(),
@@ -211,6 +221,7 @@ def _rows_of(table: pa.Table, mask_stride: int) -> Iterator[tuple[int, int, Stre
         sample = StreamSample(
             image=_tensor(cols["image"][i], np.uint8, (3, h, w)),
             masks=_tensor(cols["masks"][i], np.uint8, (g, mh, mw)),
+            point_masks=_tensor(cols["point_masks"][i], np.uint8, (g, mh, mw)),
             labels=_tensor(cols["labels"][i], np.int64, (g,)),
             boxes=_tensor(cols["boxes"][i], np.float32, (g, 4)),
             centers=_tensor(cols["centers"][i], np.float32, (g, 2)),
