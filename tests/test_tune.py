@@ -164,13 +164,13 @@ def test_tune_space_and_concurrency(tmp_path):
     trial = cfg.trial_config()
     # One worker of half a CPU, and a CPU for its data tasks.
     assert trial_resources(trial) == {"CPU": 1.5}
-    assert concurrency(cfg, trial, {"CPU": 8.0}) == 5
-    assert concurrency(cfg, trial, {"CPU": 1.0}) == 1
+    assert concurrency(cfg.search.max_concurrent, trial, {"CPU": 8.0}) == 5
+    assert concurrency(cfg.search.max_concurrent, trial, {"CPU": 1.0}) == 1
     trial.ray.use_gpu, trial.ray.num_workers, trial.ray.cpus_per_worker = True, 4, 2.0
     assert trial_resources(trial) == {"CPU": 9.0, "GPU": 4.0}
-    assert concurrency(cfg, trial, {"CPU": 64.0, "GPU": 16.0}) == 4  # the GPUs decide
+    assert concurrency(cfg.search.max_concurrent, trial, {"CPU": 64.0, "GPU": 16.0}) == 4  # the GPUs decide
     cfg.search.max_concurrent = 3
-    assert concurrency(cfg, trial, {"CPU": 64.0, "GPU": 16.0}) == 3
+    assert concurrency(cfg.search.max_concurrent, trial, {"CPU": 64.0, "GPU": 16.0}) == 3
 
 
 # --------------------------------------------------------------------------- the results

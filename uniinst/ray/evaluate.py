@@ -23,8 +23,9 @@ import ray
 import torch
 from pycocotools.coco import COCO
 
-from uniinst.config import config_from_dict
+from uniinst.config import DatasetConfig, config_from_dict
 from uniinst.data.collate import collate
+from uniinst.data.prepare import read_image_ids
 from uniinst.redact import redact_uri
 from uniinst.data.shards import Manifest, decode_row, read_manifest, shard_uris
 from uniinst.data.storage import filesystem_for
@@ -133,6 +134,51 @@ def label_to_category(
     category; otherwise the model must have exactly the dataset's categories, in id order,
     or a ``label_map``."""
     return label_to_category_ids(num_classes, class_names, manifest.categories, label_map=label_map, source=source)
+
+
+class ShardEvalSet:
+    """A shard dataset (``split.shards``, its ``image_ids`` subset and ``category_ids``) ready
+    to score a model on: the ground truth read once, the model's labels matched to its
+    categories; :meth:`predict` runs a model over (a share of) the images in this process."""
+
+    def __init__(
+        self, split: DatasetConfig, *, num_classes: int, class_names: Sequence[str] | None,
+        endpoint_url: str | None = None,
+    ) -> None:
+        self.uri, self.endpoint_url = split.shards, endpoint_url
+        self.manifest = read_manifest(split.shards, endpoint_url=endpoint_url)
+        subset = read_image_ids(split.image_ids, endpoint_url=endpoint_url) if split.image_ids else None
+        self.gt = gt_from_shards(split.shards, endpoint_url=endpoint_url, manifest=self.manifest, image_ids=subset)
+        self.image_ids = [im["id"] for im in self.gt["images"]]
+        self.category_ids = resolve_categories(self.manifest, split.category_ids) if split.category_ids else None
+        self.label_to_cat = label_to_category(
+            self.manifest, num_classes=num_classes, class_names=class_names, source=redact_uri(split.shards)
+        )
+
+    @property
+    def num_instances(self) -> int:
+        """The ground truth's instances that count in the evaluation (not crowds)."""
+        cats = None if self.category_ids is None else set(self.category_ids)
+        return sum(1 for a in self.gt["annotations"] if not a["iscrowd"] and (cats is None or a["category_id"] in cats))
+
+    def predict(
+        self, model: torch.nn.Module, *, device: torch.device, transform: EvalTransform,
+        image_ids: Sequence[int] | None = None,
+    ) -> list[dict]:
+        """COCO results of ``model`` on ``image_ids`` (default: every evaluated image)."""
+        return predict_shards_here(
+            model, self.uri, self.image_ids if image_ids is None else image_ids, device=device, transform=transform,
+            label_to_cat=self.label_to_cat, manifest=self.manifest, category_ids=self.category_ids,
+            endpoint_url=self.endpoint_url,
+        )
+
+    def score(self, results: list[dict]) -> dict[str, float]:
+        return evaluate_segm(
+            coco_from_dict(self.gt), results, image_ids=self.image_ids, category_ids=self.category_ids
+        )
+
+    def details(self) -> dict[str, Any]:
+        return {"shards": redact_uri(self.uri), "images": len(self.image_ids)}
 
 
 class ShardPredictor:

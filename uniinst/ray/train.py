@@ -70,8 +70,8 @@ from ray.train.torch import TorchTrainer
 from uniinst.config import ExperimentConfig, apply_values, config_from_dict, dump_config, to_dict
 from uniinst.data.coco import CocoDataset
 from uniinst.data.dataset import InstanceSegDataset, build_train_loader
-from uniinst.data.prepare import prepare_dataset, read_image_ids
-from uniinst.data.shards import Manifest, read_manifest
+from uniinst.data.prepare import prepare_dataset
+from uniinst.data.shards import read_manifest
 from uniinst.data.storage import (
     absolute,
     arrow_filesystem_for,
@@ -101,7 +101,7 @@ from uniinst.modeling.sync_batchnorm import convert_sync_batchnorm, sync_batchno
 from uniinst.modeling.uniinst import build_model
 from uniinst.redact import redact_uri
 from uniinst.ray.data import iter_train_batches
-from uniinst.ray.evaluate import coco_from_dict, gt_from_shards, label_to_category, predict_shards_here, resolve_categories
+from uniinst.ray.evaluate import ShardEvalSet
 from uniinst.ray.prepare import connect, ray_executor
 
 logger = logging.getLogger(__name__)
@@ -404,31 +404,24 @@ class _Evaluator:
     def __init__(self, cfg: ExperimentConfig, class_names: list[str], rank: int, world: int) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world
         self.transform = eval_transform(cfg)
-        val, endpoint_url = cfg.data.val, cfg.data.endpoint_url or None
-        self.endpoint_url = endpoint_url
+        val = cfg.data.val
+        self.shards: ShardEvalSet | None = None
         self.dataset: CocoDataset | None = None
-        self.manifest: Manifest | None = None
         if val.shards:
-            self.manifest = read_manifest(val.shards, endpoint_url=endpoint_url)
-            subset = read_image_ids(val.image_ids, endpoint_url=endpoint_url) if val.image_ids else None
-            # Rank 0 keeps the ground truth; every rank needs only the ids.
-            self.gt = gt_from_shards(val.shards, endpoint_url=endpoint_url, manifest=self.manifest, image_ids=subset)
-            self.image_ids = [im["id"] for im in self.gt["images"]]
-            self.category_ids = resolve_categories(self.manifest, val.category_ids) if val.category_ids else None
-            self.label_to_cat = label_to_category(
-                self.manifest, num_classes=cfg.model.num_classes, class_names=class_names
+            self.shards = ShardEvalSet(
+                val, num_classes=cfg.model.num_classes, class_names=class_names,
+                endpoint_url=cfg.data.endpoint_url or None,
             )
+            self.image_ids = self.shards.image_ids
         else:
             self.dataset = CocoDataset(val.json, val.images, on_error=cfg.data.on_error)
             self.image_ids = list(self.dataset.image_ids)
 
     def __call__(self, model: torch.nn.Module, device: torch.device, out_dir: Path, extra: dict) -> dict[str, float] | None:
         mine = list(range(self.rank, len(self.image_ids), self.world))
-        if self.manifest is not None:
-            results = predict_shards_here(
-                model, self.cfg.data.val.shards, [self.image_ids[i] for i in mine], device=device,
-                transform=self.transform, label_to_cat=self.label_to_cat, manifest=self.manifest,
-                category_ids=self.category_ids, endpoint_url=self.endpoint_url,
+        if self.shards is not None:
+            results = self.shards.predict(
+                model, device=device, transform=self.transform, image_ids=[self.image_ids[i] for i in mine]
             )
         else:
             results = predict_dataset(model, self.dataset, transform=self.transform, device=device, indices=mine)
@@ -439,13 +432,11 @@ class _Evaluator:
         if self.rank != 0:
             return None
         save_results(results, out_dir / "results.json")
-        if self.manifest is not None:
-            gt = coco_from_dict(self.gt)
-            details = {"shards": redact_uri(self.cfg.data.val.shards), "images": len(self.image_ids)}
+        if self.shards is not None:
+            metrics, details = self.shards.score(results), self.shards.details()
         else:
-            gt = self.dataset.gt_json_path
+            metrics = evaluate_segm(self.dataset.gt_json_path, results, image_ids=self.image_ids)
             details = {"json": self.cfg.data.val.json, "images": len(self.image_ids)}
-        metrics = evaluate_segm(gt, results, image_ids=self.image_ids, category_ids=getattr(self, "category_ids", None))
         write_report(metrics, out_dir, extra={**details, **extra})
         return metrics
 

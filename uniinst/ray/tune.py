@@ -132,11 +132,11 @@ def trial_resources(trial: ExperimentConfig) -> dict[str, float]:
     return need
 
 
-def concurrency(cfg: SearchConfig, trial: ExperimentConfig, cluster: dict[str, float] | None = None) -> int:
-    """``search.max_concurrent``, or how many trials the cluster's resources hold now (at
+def concurrency(max_concurrent: int, trial: ExperimentConfig, cluster: dict[str, float] | None = None) -> int:
+    """``max_concurrent`` when set, else how many trials the cluster's resources hold now (at
     least one). An autoscaling cluster that starts small should set it explicitly."""
-    if cfg.search.max_concurrent:
-        return cfg.search.max_concurrent
+    if max_concurrent:
+        return max_concurrent
     cluster = cluster if cluster is not None else ray.cluster_resources()
     fits = [math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in trial_resources(trial).items() if v > 0]
     return max(1, min(fits))
@@ -166,7 +166,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 # --------------------------------------------------------------------------- the search
 
 
-def _check_state_api() -> None:
+def check_state_api() -> None:
     """Warn when Ray's state API does not answer: Ray Train's placement-group cleaner needs
     it to free the resources of trials that Tune stops (early stopping, failures, the time
     budget); without it they stay reserved until this program ends."""
@@ -201,7 +201,7 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> SearchResult:
         )
 
     connect()
-    _check_state_api()
+    check_state_api()
     trial, _ = prepare_run_data(trial, uri, endpoint)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "search.yaml"
@@ -218,7 +218,7 @@ def run_search(cfg: SearchConfig, *, resume: bool = False) -> SearchResult:
             fs_tune_path, trainable, storage_filesystem=fs, resume_unfinished=True, resume_errored=True
         )
     else:
-        at_once = concurrency(cfg, trial)
+        at_once = concurrency(cfg.search.max_concurrent, trial)
         logger.info(
             "searching %s: %s, %d sample(s), %d trial(s) at once, each %d worker(s); results in %s",
             ", ".join(p.key for p in cfg.space), cfg.search.algorithm, cfg.search.num_samples, at_once,

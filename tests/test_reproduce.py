@@ -1,0 +1,218 @@
+"""Reproduction suites: the suite config and its checks, the duplicates measure on hand-built
+predictions, the report's tables and verdicts on hand-written rows, and a tiny suite run
+by Ray Tune on a local Ray, interrupted with Ctrl-C and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from pycocotools import mask as mask_util
+
+from conftest import CONFIGS, TINY_SYNTHETIC
+from uniinst.cli import main as cli_main
+from uniinst.config import ConfigError
+from uniinst.evaluation.uniqueness import duplicates_per_instance, suppressed_count
+from uniinst.reproduce.report import SuiteReport, variant_roles
+from uniinst.reproduce.suite import load_suite, suite_to_dict
+
+pytestmark = pytest.mark.timeout(900)
+
+SUITES = CONFIGS / "reproduce"
+
+
+def _write_suite(path: Path, **fields) -> Path:
+    data = {
+        "name": "tiny",
+        "experiment": str(CONFIGS / "synth_R18_uniinst.yaml"),
+        "experiment_overrides": [
+            *TINY_SYNTHETIC, "data.batch_size=2", "solver.max_iter=3", "solver.warmup_iters=1", "solver.steps=[]",
+            "train.checkpoint_period=3", "train.eval_period=0", "ray.num_workers=1", "ray.cpus_per_worker=0.5",
+            "ray.max_failures=0",
+        ],
+        "storage_path": str(path.parent / "suites"),
+        "seeds": [0],
+        "max_concurrent": 1,
+        "occlusion_split": "heavy",
+        "splits": {
+            "val": {"synthetic": {"images": 3, "seed": 1000}},
+            "heavy": {"synthetic": {"images": 3, "seed": 1001, "occlusion": "heavy"}},
+        },
+        "variants": {"uniinst": [], "condinst": ["model.arch=condinst"]},
+        **fields,
+    }
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# --------------------------------------------------------------------------- the config
+
+
+def test_shipped_suites_load_and_place_every_variant():
+    for name in ("synth", "coco_R50"):
+        suite = load_suite(SUITES / f"{name}.yaml")
+        roles = variant_roles(suite)
+        # Every variant lands in one of the paper's tables; none is left over.
+        assert all(role.table for role in roles.values()), roles
+        assert {r.table for r in roles.values()} == {"1", "4", "5", "6"}
+        assert len(suite.seeds) >= 2 and suite.occlusion_split
+    coco = load_suite(SUITES / "coco_R50.yaml")
+    trained = coco.variant_config("alpha_0.4", seed=1)
+    assert trained.model.oyor.alpha == 0.4 and trained.train.seed == 1 and trained.ray.num_workers == 8
+    assert trained.data.train.shards.startswith("s3://")
+
+
+def test_suite_round_trips_through_its_yaml(tmp_path):
+    suite = load_suite(_write_suite(tmp_path / "s.yaml"))
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump(suite_to_dict(suite)))
+    assert suite_to_dict(load_suite(again)) == suite_to_dict(suite)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"variants": {"uniinst": [], "condinst": ["model.arch=condinst"], "typo": ["model.oyor.alfa=0.5"]}},
+         "variants.typo: override 'model.oyor.alfa=0.5': unknown key model.oyor.alfa"),
+        ({"variants": {"uniinst": [], "condinst": ["model.arch=condinst"], "bad": ["model.oyor.alpha=2"]}},
+         "variants.bad"),
+        ({"main_split": "test"}, "main_split: unknown split 'test'"),
+        ({"occlusion_split": "ochuman"}, "occlusion_split: unknown split 'ochuman'"),
+        ({"splits": {"val": {"synthetic": {"images": 3}, "shards": "s3://b/x"}}}, "splits.val: give exactly one"),
+        ({"splits": {"val": {"synthetic": {"images": 3, "colour": 1}}}}, "unknown key splits.val.synthetic.colour"),
+        ({"splits": {"val": {"synthetic": {"images": 3, "seed": 0}}}, "occlusion_split": ""},
+         "splits.val.synthetic.seed=0: the training set is generated with train.seed=0"),
+        ({"baseline": "uniinst"}, "baseline: variant 'uniinst' trains model.arch=uniinst, expected condinst"),
+        ({"reference": "ours"}, "reference: unknown variant 'ours'"),
+        ({"nms": ["none", "soft"]}, "nms: expected modes among"),
+        ({"seeds": [1, 1]}, "seeds: expected distinct integers"),
+    ],
+)
+def test_bad_suites_are_refused_naming_the_key(tmp_path, fields, message):
+    with pytest.raises(ConfigError) as info:
+        load_suite(_write_suite(tmp_path / "s.yaml", **fields))
+    assert message in str(info.value) and "s.yaml" in str(info.value)
+
+
+def test_cli_refuses_a_bad_suite_in_one_line_before_any_run(tmp_path, capsys):
+    path = _write_suite(tmp_path / "s.yaml", variants={"uniinst": ["model.oyor.alfa=1"], "condinst": ["model.arch=condinst"]})
+    assert cli_main(["reproduce", "--suite", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "variants.uniinst" in err[0] and "alfa" in err[0]
+    assert not (tmp_path / "suites").exists()
+
+
+# --------------------------------------------------------------------------- the duplicates measure
+
+
+def _result(image_id: int, cat: int, score: float, box: tuple[int, int, int, int], size: int = 20) -> dict:
+    mask = np.zeros((size, size), dtype=np.uint8, order="F")
+    y0, x0, y1, x1 = box
+    mask[y0:y1, x0:x1] = 1
+    rle = mask_util.encode(mask)
+    return {"image_id": image_id, "category_id": cat, "score": score,
+            "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}}
+
+
+def test_duplicates_count_what_mask_nms_would_remove():
+    results = [
+        _result(1, 1, 0.9, (0, 0, 10, 10)),
+        _result(1, 1, 0.6, (0, 0, 10, 9)),    # IoU 0.9 with the first: removed
+        _result(1, 2, 0.8, (0, 0, 10, 10)),   # same mask, another class: kept
+        _result(1, 1, 0.2, (0, 0, 10, 10)),   # a duplicate below 0.3: not counted
+        _result(1, 1, 0.5, (0, 4, 10, 14)),   # IoU 6/14 = 0.43 with the first: kept
+        # A chain: B (removed by A) would have removed C, but a removed mask removes nothing.
+        _result(2, 3, 0.9, (0, 0, 10, 10)),   # A
+        _result(2, 3, 0.8, (0, 3, 10, 13)),   # B: IoU 7/13 = 0.54 with A
+        _result(2, 3, 0.7, (0, 6, 10, 16)),   # C: IoU 4/16 with A, 7/13 with B
+    ]
+    assert suppressed_count(results, score_threshold=0.3, iou_threshold=0.5) == 2
+    assert duplicates_per_instance(results, 4) == pytest.approx(0.5)
+    # At IoU 0.4 the 0.43-overlap mask goes too; at score 0.95 nothing is left to remove.
+    assert suppressed_count(results, score_threshold=0.3, iou_threshold=0.4) == 3
+    assert suppressed_count(results, score_threshold=0.95, iou_threshold=0.5) == 0
+    with pytest.raises(ValueError, match="num_instances"):
+        duplicates_per_instance(results, 0)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _rows(values: dict[tuple[str, str, str], list[float]]) -> list[dict]:
+    rows = []
+    for (variant, split, nms), aps in values.items():
+        for seed, ap in enumerate(aps):
+            rows.append({"variant": variant, "seed": seed, "split": split, "nms": nms, "AP": ap, "AP50": ap + 10,
+                         "AP75": ap - 5, "AR100": ap + 20, "duplicates_per_gt": 0.1 if variant == "uniinst" else 0.8,
+                         "iterations": 100})
+    return rows
+
+
+def test_report_tables_and_verdicts_follow_the_rows():
+    suite = load_suite(SUITES / "synth.yaml")
+    values = {
+        ("uniinst", "val", "none"): [30.0, 32.0], ("uniinst", "val", "mask"): [30.5, 32.5],
+        ("condinst", "val", "none"): [20.0, 22.0], ("condinst", "val", "mask"): [28.0, 29.0],
+        ("alpha_0", "val", "none"): [25.0, 26.0], ("alpha_1", "val", "none"): [33.0, 33.0],
+        ("no_aux", "val", "none"): [29.0, 30.0],
+        ("uniinst", "heavy", "none"): [15.0, 16.0], ("condinst", "heavy", "mask"): [17.0, 18.0],
+    }
+    report = SuiteReport(suite, _rows(values))
+    text = report.markdown()
+    t1_uniinst, t1_baseline, t4, t5, t6, t7 = report.claims()
+    assert t1_uniinst.holds is True  # −0.5 AP without NMS
+    assert t1_baseline.holds is True and "-7.5 ± 0.7" in t1_baseline.numbers
+    assert t4.holds is False  # α 1 scored above α 0.9 here
+    assert t5.holds is None  # its runs are missing
+    assert t6.holds is True
+    assert t7.holds is False and "-2.0 ± 0.0" in t7.numbers
+    assert "| UniInst (one-to-one) `uniinst` | 31.5 ± 1.4 (38.5) | 31.0 ± 1.4 (38.3) | -0.5 ± 0.0 (-0.2) |" in text
+    assert "| 0.9 | `uniinst` | 31.0 ± 1.4 (37.9) |" in text and "| 1 | `alpha_1` | 33.0 ± 0.0 (11.8) |" in text
+    assert "**does not hold**" in text and "not measured" in text
+
+
+# --------------------------------------------------------------------------- a real suite
+
+
+def test_tiny_suite_writes_every_row_and_resumes_without_retraining(tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    path = _write_suite(tmp_path / "suite.yaml")
+    out = tmp_path / "suites" / "tiny"
+    uniinst = [sys.executable, "-m", "uniinst.cli", "reproduce", "--suite", str(path)]
+    first = subprocess.Popen(uniinst, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # One run at a time, in grid order: the second starts once Tune has recorded the first as done.
+    deadline = time.time() + 400
+    while not (out / "runs" / "condinst-seed0" / "config.yaml").is_file() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.5)
+    assert (out / "runs" / "uniinst-seed0" / "rows.json").is_file(), "the first run was not scored"
+    first.send_signal(signal.SIGINT)  # Ctrl-C, while the second run trains
+    log, _ = first.communicate(timeout=180)
+    assert first.returncode == 1 and "continue it with --resume" in log, log[-3000:]
+    assert not (out / "runs" / "condinst-seed0" / "rows.json").exists()
+    finished = {p: p.stat().st_mtime_ns for p in (out / "runs" / "uniinst-seed0").rglob("*") if p.is_file()}
+
+    again = subprocess.run([*uniinst, "--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    # The finished run was neither retrained nor rescored: not one of its files changed.
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
+    rows = json.loads((out / "results.json").read_text())
+    keys = {(r["variant"], r["split"], r["nms"]) for r in rows}
+    assert keys == {(v, s, n) for v in ("uniinst", "condinst") for s in ("val", "heavy") for n in ("none", "mask")}
+    assert len(rows) == 8 and all(r["iterations"] == 3 and 0 <= r["AP"] <= 100 for r in rows)
+    assert all(r["duplicates_per_gt"] >= 0 for r in rows)
+    report = (out / "report.md").read_text()
+    assert "## Table 1" in report and "## Table 7" in report and "(T7)" in report
+    assert sorted(p.name for p in (out / "plots").iterdir()) == [
+        "AP_nms_per_variant.png", "AP_vs_alpha.png", "duplicates_per_variant.png"
+    ]
+    refused = subprocess.run(uniinst, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
