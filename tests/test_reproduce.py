@@ -110,6 +110,18 @@ def test_cli_refuses_a_bad_suite_in_one_line_before_any_run(tmp_path, capsys):
     assert not (tmp_path / "suites").exists()
 
 
+def test_scoring_takes_what_the_run_gave_back():
+    from uniinst.ray.reproduce import scoring_resources
+
+    synth = load_suite(SUITES / "synth.yaml")
+    # Two runs at once of one half-CPU worker each: scoring one leaves a CPU to the read tasks.
+    assert scoring_resources(synth.variant_config("uniinst")) == {"num_cpus": 0.5}
+    coco = load_suite(SUITES / "coco_R50.yaml").variant_config("uniinst")
+    assert scoring_resources(coco) == {"num_gpus": 1}
+    coco.ray.use_gpu = False
+    assert scoring_resources(coco) == {"num_cpus": 1.0}
+
+
 # --------------------------------------------------------------------------- the duplicates measure
 
 
@@ -216,3 +228,6 @@ def test_tiny_suite_writes_every_row_and_resumes_without_retraining(tmp_path):
     ]
     refused = subprocess.run(uniinst, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--resume" in refused.stderr
+    nothing = subprocess.run([*uniinst, "--resume", "--out", str(tmp_path / "none")], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+    assert nothing.returncode == 2 and "no suite to resume" in nothing.stderr and not (tmp_path / "none").exists()

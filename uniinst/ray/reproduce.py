@@ -13,7 +13,7 @@ Tune runs a grid (FIFO) over the (variant, seed) pairs, as many at once as the c
     results.json, report.md        every row; the paper's tables and claims
     plots/                         AP against α, AP with and without NMS, duplicates per GT
 
-A run is scored once, after its training, in a Ray task holding one CPU (or GPU): its final
+A run is scored once, after its training, in a Ray task (:func:`scoring_resources`): its final
 checkpoint, not the best one on val, so that no split chooses the model it scores. A resumed
 suite keeps Tune's finished trials; an unfinished one continues its Ray Train run from its
 last checkpoint (a complete run trains nothing again), and a run with ``rows.json`` is
@@ -155,6 +155,16 @@ class SuiteTrialSetup:
     runs_uri: str
 
 
+def scoring_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """What scoring a run holds: a GPU, or on CPU at most what the run's workers have just
+    given back (up to one CPU). More would starve the Ray Data read tasks that scoring and
+    the runs still training need (each takes a CPU), and none of them could go on."""
+    r = cfg.ray
+    if r.use_gpu:
+        return {"num_gpus": 1}
+    return {"num_cpus": min(1.0, r.num_workers * r.cpus_per_worker)}
+
+
 def run_suite_trial(params: dict[str, Any], setup: SuiteTrialSetup) -> None:
     """Train ``params["run"]``'s variant with its seed in ``<runs>/<variant>-seed<k>`` (or
     continue it), then score its final checkpoint; nothing when its rows are written."""
@@ -171,11 +181,8 @@ def run_suite_trial(params: dict[str, Any], setup: SuiteTrialSetup) -> None:
     if result.checkpoint is None:
         raise RuntimeError(f"run {redact_uri(result.run_uri)} ended without a checkpoint")
     splits = {name: DatasetConfig(**d) for name, d in setup.splits.items()}
-    resources = {"num_gpus": 1} if cfg.ray.use_gpu else {"num_cpus": 1}
-    # Outside the trial's placement group, which holds only the driver's memory: the task
-    # takes the CPU (or GPU) the run's workers have just given back.
     task = ray.remote(score_run).options(
-        **resources, scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None)
+        **scoring_resources(cfg), scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None)
     )
     rows = ray.get(task.remote(result.checkpoint, splits, suite.nms, endpoint_url=endpoint))
     rows = [{"variant": variant, "seed": seed, **row} for row in rows]
@@ -188,15 +195,19 @@ def run_suite_trial(params: dict[str, Any], setup: SuiteTrialSetup) -> None:
 # --------------------------------------------------------------------------- the suite
 
 
-def _tuner(suite: SuiteConfig, uri: str, trainable: Any, experiment: ExperimentConfig, *, resume: bool) -> tune.Tuner:
-    endpoint = experiment.data.endpoint_url or None
-    fs, storage = arrow_filesystem_for(uri, endpoint_url=endpoint)
-    state = f"{storage}/{TUNE_DIR}"
-    restorable = tune.Tuner.can_restore(state, storage_filesystem=fs)
+def _check_start(uri: str, *, resume: bool, endpoint_url: str | None) -> None:
+    """Refuse a resume with nothing to resume, or a new suite over an existing one."""
+    fs, storage = arrow_filesystem_for(uri, endpoint_url=endpoint_url)
+    restorable = tune.Tuner.can_restore(f"{storage}/{TUNE_DIR}", storage_filesystem=fs)
     if resume and not restorable:
         raise FileNotFoundError(f"no suite to resume at {redact_uri(uri)}")
     if not resume and restorable:
         raise FileExistsError(f"a suite already lives at {redact_uri(uri)}: resume it (--resume) or pick another --out")
+
+
+def _tuner(suite: SuiteConfig, uri: str, trainable: Any, experiment: ExperimentConfig, *, resume: bool) -> tune.Tuner:
+    fs, storage = arrow_filesystem_for(uri, endpoint_url=experiment.data.endpoint_url or None)
+    state = f"{storage}/{TUNE_DIR}"
     if resume:
         logger.info("resuming the suite %s", redact_uri(uri))
         return tune.Tuner.restore(state, trainable, storage_filesystem=fs, resume_unfinished=True, resume_errored=True)
@@ -222,11 +233,12 @@ def run_suite(suite: SuiteConfig, *, out: str | None = None, resume: bool = Fals
     ``<storage_path>/<name>``), or with ``resume`` continue the one interrupted there; then
     write its results, report and plots."""
     uri = suite_uri(suite, out)
-    connect()
-    check_state_api()
     start = time.monotonic()
     experiment = suite.experiment_config()
     endpoint = experiment.data.endpoint_url or None
+    _check_start(uri, resume=resume, endpoint_url=endpoint)
+    connect()
+    check_state_api()
     experiment, _ = prepare_run_data(experiment, uri, endpoint)
     splits = prepare_splits(suite, uri, experiment)
     with tempfile.TemporaryDirectory() as tmp:
