@@ -125,11 +125,13 @@ def score_run(
     cfg = config_from_dict(state["config"])
     splits = splits if splits is not None else {"val": cfg.data.val}
     names = state.get("meta", {}).get("class_names")
+    models = {nms: _model_with_nms(state, nms, device) for nms in nms_modes}
+    transform = eval_transform(cfg)
     rows = []
     for split_name, split in splits.items():
         data = ShardEvalSet(split, num_classes=cfg.model.num_classes, class_names=names, endpoint_url=endpoint_url)
-        for nms in nms_modes:
-            results = data.predict(_model_with_nms(state, nms, device), device=device, transform=eval_transform(cfg))
+        for nms, model in models.items():
+            results = data.predict(model, device=device, transform=transform)
             metrics = data.score(results)
             rows.append({
                 "split": split_name, "nms": nms,
