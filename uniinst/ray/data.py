@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 from ray.data import DataIterator, Dataset
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 from ray.exceptions import UserCodeException
@@ -79,6 +80,8 @@ T = TypeVar("T")
 _SHARD_ORDER, _SHUFFLE, _AUGMENT = 0, 1, 2
 # Reads of one shard before giving up; botocore and s3fs retry each request underneath.
 READ_ATTEMPTS = 5
+# The shortest step of Ray Data's scheduling loop (PacedSchedulingLoop): 100 steps a second.
+SCHEDULING_STEP_S = 0.01
 _MAX_BACKOFF_S = 8.0
 # Shards whose image ids a resume reads at once: an object store answers many requests at a time.
 _INDEX_READERS = 8
@@ -441,7 +444,31 @@ def read_shards(
     ds.context.execution_options.preserve_order = True
     ds.context.enable_progress_bars = False
     ds.context.raise_original_map_exception = True
+    ds.context.custom_execution_callback_classes = [
+        *ds.context.custom_execution_callback_classes, PacedSchedulingLoop
+    ]
     return ds, manifest
+
+
+class PacedSchedulingLoop(ExecutionCallback):
+    """Makes each step of Ray Data's scheduling loop last at least :data:`SCHEDULING_STEP_S`.
+
+    The loop runs in the process that consumes the dataset (the training worker) and blocks in
+    ``ray.wait`` only on running tasks: with none (every task of the epoch done, or all held
+    back by backpressure while the trainer works through what is decoded) it spins, and took a
+    third of a core and the GIL from the training step beside it (measured on 2 cores: a step
+    of 4.4 s against 1.3 s in one process). A step that finds work still dispatches all of it,
+    so pacing costs at most one step's wait before a finished task is followed up.
+    """
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+
+    def on_execution_step(self, executor: Any) -> None:
+        wait = SCHEDULING_STEP_S - (time.perf_counter() - self._last)
+        if wait > 0:
+            time.sleep(wait)
+        self._last = time.perf_counter()
 
 
 # --------------------------------------------------------------------------- decoding in Ray tasks
