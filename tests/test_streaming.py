@@ -273,6 +273,24 @@ def test_stream_over_a_dataset_and_a_data_iterator(ray_local, synth_shards):
         _assert_batches_equal(a, b)
 
 
+def test_the_scheduling_loop_of_every_shard_dataset_is_paced(ray_local, synth_shards, monkeypatch):
+    import uniinst.ray.data as ray_data
+
+    ds, manifest = ray_data.read_shards(str(synth_shards / "train"))
+    step = ray_data.DecodeStep(TrainTransform(short_edge=(48,), max_size=64), manifest.cat_id_to_contiguous, ["#0"])
+    decoded = ray_data.decode_rows(ds, step)
+    assert ray_data.PacedSchedulingLoop in decoded.context.custom_execution_callback_classes
+
+    slept: list[float] = []
+    monkeypatch.setattr(ray_data.time, "sleep", slept.append)
+    loop = ray_data.PacedSchedulingLoop()
+    loop.on_execution_step(None)  # a step that returns at once (nothing running) waits out the rest
+    assert len(slept) == 1 and 0 < slept[0] <= ray_data.SCHEDULING_STEP_S
+    loop._last -= 1.0  # a step that blocked in ray.wait for a second is not held back
+    loop.on_execution_step(None)
+    assert len(slept) == 1
+
+
 # --------------------------------------------------------------------------- failures
 
 

@@ -80,8 +80,9 @@ T = TypeVar("T")
 _SHARD_ORDER, _SHUFFLE, _AUGMENT = 0, 1, 2
 # Reads of one shard before giving up; botocore and s3fs retry each request underneath.
 READ_ATTEMPTS = 5
-# The shortest step of Ray Data's scheduling loop (PacedSchedulingLoop): 100 steps a second.
-SCHEDULING_STEP_S = 0.01
+# The shortest step of Ray Data's scheduling loop (PacedSchedulingLoop): what its ray.wait waits
+# for a finished task when some are running.
+SCHEDULING_STEP_S = 0.1
 _MAX_BACKOFF_S = 8.0
 # Shards whose image ids a resume reads at once: an object store answers many requests at a time.
 _INDEX_READERS = 8
