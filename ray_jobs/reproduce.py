@@ -21,7 +21,7 @@ from uniinst.config import ConfigError
 from uniinst.ray.prepare import connect
 from uniinst.ray.reproduce import run_suite
 from uniinst.redact import redact_text, redact_uri
-from uniinst.reproduce.suite import load_suite
+from uniinst.reproduce.suite import load_suite, variant_names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="the suite's folder or URI (default: <storage_path>/<name>)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted suite in --out")
     p.add_argument("--storage-path", help="where suites live when --out is not given (storage_path)")
+    p.add_argument(
+        "--variants", type=variant_names, default=[], metavar="NAME,NAME",
+        help="run only these variants of the suite (for example uniinst,condinst: Table 1)",
+    )
     p.add_argument(
         "--set", dest="experiment_overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override the experiment of every run (repeatable)",
@@ -45,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         suite = load_suite(
             args.suite, args.overrides, experiment_overrides=args.experiment_overrides,
-            storage_path=args.storage_path,
+            storage_path=args.storage_path, variants=args.variants,
         )
         connect(args.address)
         result = run_suite(suite, out=args.out, resume=args.resume)

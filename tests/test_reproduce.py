@@ -22,7 +22,7 @@ from uniinst.cli import main as cli_main
 from uniinst.config import ConfigError
 from uniinst.evaluation.uniqueness import duplicates_per_instance, suppressed_count
 from uniinst.reproduce.report import SuiteReport, variant_roles
-from uniinst.reproduce.suite import load_suite, suite_to_dict
+from uniinst.reproduce.suite import load_suite, suite_to_dict, variant_names
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -68,6 +68,16 @@ def test_shipped_suites_load_and_place_every_variant():
     trained = coco.variant_config("alpha_0.4", seed=1)
     assert trained.model.oyor.alpha == 0.4 and trained.train.seed == 1 and trained.ray.num_workers == 8
     assert trained.data.train.shards.startswith("s3://")
+
+
+def test_part_of_a_suite_keeps_the_named_variants_in_the_suite_order():
+    part = load_suite(SUITES / "synth.yaml", variants=variant_names("condinst, uniinst"))
+    assert list(part.variants) == ["uniinst", "condinst"]
+    assert part.variant_config("condinst").model.arch == "condinst"
+    with pytest.raises(ConfigError, match=r"unknown variant\(s\) 'alpha_9'.*the suite has: uniinst, condinst, alpha_0"):
+        load_suite(SUITES / "synth.yaml", variants=["uniinst", "alpha_9"])
+    with pytest.raises(ConfigError, match="baseline: unknown variant 'condinst'"):
+        load_suite(SUITES / "synth.yaml", variants=["uniinst", "alpha_0"])
 
 
 def test_suite_round_trips_through_its_yaml(tmp_path):

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from uniinst.redact import Redactor, credentials_in, redact_uri
+from uniinst.reproduce.suite import variant_names
 
 logger = logging.getLogger("uniinst")
 
@@ -110,7 +111,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from uniinst.reproduce.suite import load_suite
 
     suite = load_suite(
-        args.suite, args.overrides, experiment_overrides=args.experiment_overrides, storage_path=args.storage_path
+        args.suite, args.overrides, experiment_overrides=args.experiment_overrides, storage_path=args.storage_path,
+        variants=args.variants,
     )
     if args.collect:
         result = collect_suite(suite, suite_uri(suite, args.out), suite.experiment_config())
@@ -400,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--resume", action="store_true", help="continue the interrupted suite in --out")
     rp.add_argument("--collect", action="store_true", help="only write results.json, report.md and plots so far")
     rp.add_argument("--storage-path", help="where suites live when --out is not given (storage_path)")
+    rp.add_argument(
+        "--variants", type=variant_names, default=[], metavar="NAME,NAME",
+        help="run only these variants of the suite (for example uniinst,condinst: Table 1)",
+    )
     rp.add_argument(
         "--set", dest="experiment_overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override the experiment of every run (repeatable), e.g. --set data.train.shards=s3://bucket/train",

@@ -118,6 +118,19 @@ def _split(name: str, data: Any) -> SplitConfig:
     return split
 
 
+def variant_names(text: str) -> list[str]:
+    """``"uniinst,condinst"`` as ``["uniinst", "condinst"]`` (the ``--variants`` option)."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _only(variants: dict[str, list[str]], names: Sequence[str]) -> dict[str, list[str]]:
+    """The variants named in ``names`` (all when empty), in the suite's order."""
+    unknown = [n for n in names if n not in variants]
+    if unknown:
+        raise ConfigError(f"unknown variant(s) {', '.join(map(repr, unknown))} (the suite has: {', '.join(variants)})")
+    return {k: v for k, v in variants.items() if not names or k in names}
+
+
 def _variants(data: Any) -> dict[str, list[str]]:
     if not isinstance(data, Mapping) or not data:
         raise ConfigError(f"variants: expected a mapping of names to lists of overrides, got {data!r}")
@@ -171,13 +184,15 @@ def load_suite(
     experiment_overrides: Sequence[str] = (),
     storage_path: str | None = None,
     name: str | None = None,
+    variants: Sequence[str] = (),
 ) -> SuiteConfig:
     """Read a suite YAML (with its ``base`` chain), apply dotted overrides of its scalar keys
     (``seeds=[0]``), add ``experiment_overrides`` to the file's (``data.train.shards=...``),
-    set ``storage_path`` and ``name`` when given, and check it."""
+    set ``storage_path`` and ``name`` when given, keep only the named ``variants`` when given
+    (part of a suite, such as Table 1's two, on a smaller budget), and check it."""
     path = Path(path)
     data = read_yaml(path)
-    splits, variants = data.pop("splits", None), data.pop("variants", None)
+    splits, variants_in_file = data.pop("splits", None), data.pop("variants", None)
     experiment = data.get("experiment")
     overrides = [*overrides, *(f"{k}={v}" for k, v in (("storage_path", storage_path), ("name", name)) if v)]
     try:
@@ -185,7 +200,7 @@ def load_suite(
         if not isinstance(splits, Mapping):
             raise ConfigError(f"splits: expected a mapping of split names, got {splits!r}")
         cfg.splits = {str(k): _split(str(k), v) for k, v in splits.items()}
-        cfg.variants = _variants(variants)
+        cfg.variants = _only(_variants(variants_in_file), variants)
         cfg.experiment_overrides = [*cfg.experiment_overrides, *experiment_overrides]
         if not cfg.experiment:
             raise ConfigError("'experiment' must name the experiment config the runs train")
