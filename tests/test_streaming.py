@@ -281,8 +281,10 @@ def test_the_scheduling_loop_of_every_shard_dataset_is_paced(ray_local, synth_sh
     decoded = ray_data.decode_rows(ds, step)
     assert ray_data.PacedSchedulingLoop in decoded.context.custom_execution_callback_classes
 
+    # time.sleep is the time module's, shared with Ray's own threads: count this thread's calls.
     slept: list[float] = []
-    monkeypatch.setattr(ray_data.time, "sleep", slept.append)
+    here, sleep = threading.get_ident(), ray_data.time.sleep
+    monkeypatch.setattr(ray_data.time, "sleep", lambda s: slept.append(s) if threading.get_ident() == here else sleep(s))
     loop = ray_data.PacedSchedulingLoop()
     loop.on_execution_step(None)  # a step that returns at once (nothing running) waits out the rest
     assert len(slept) == 1 and 0 < slept[0] <= ray_data.SCHEDULING_STEP_S

@@ -59,7 +59,8 @@ def _cfg(synth_data, out, *extra):
 def _assert_same_weights(a: dict, b: dict, *, atol: float, rtol: float) -> None:
     assert a.keys() == b.keys()
     for name in a:
-        assert torch.allclose(a[name].float(), b[name].float(), atol=atol, rtol=rtol), name
+        x, y = a[name].float(), b[name].float()
+        assert torch.allclose(x, y, atol=atol, rtol=rtol), f"{name}: max |a - b| = {float((x - y).abs().max()):.3g}"
 
 
 @pytest.fixture(scope="module")
