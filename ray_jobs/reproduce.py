@@ -17,29 +17,17 @@ import logging
 import sys
 from typing import Sequence
 
+from uniinst.cli import add_suite_arguments, suite_from_args
 from uniinst.config import ConfigError
 from uniinst.ray.prepare import connect
 from uniinst.ray.reproduce import run_suite
 from uniinst.redact import redact_text, redact_uri
-from uniinst.reproduce.suite import load_suite, variant_names
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", required=True, help="YAML suite (configs/reproduce/*.yaml)")
-    p.add_argument("--out", help="the suite's folder or URI (default: <storage_path>/<name>)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted suite in --out")
-    p.add_argument("--storage-path", help="where suites live when --out is not given (storage_path)")
-    p.add_argument(
-        "--variants", type=variant_names, default=[], metavar="NAME,NAME",
-        help="run only these variants of the suite (for example uniinst,condinst: Table 1)",
-    )
-    p.add_argument(
-        "--set", dest="experiment_overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override the experiment of every run (repeatable)",
-    )
+    add_suite_arguments(p)
     p.add_argument("--address", default="auto", help="Ray cluster address (default: the job's cluster)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides of the suite, e.g. seeds=[0,1,2]")
     return p
 
 
@@ -47,10 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        suite = load_suite(
-            args.suite, args.overrides, experiment_overrides=args.experiment_overrides,
-            storage_path=args.storage_path, variants=args.variants,
-        )
+        suite = suite_from_args(args)
         connect(args.address)
         result = run_suite(suite, out=args.out, resume=args.resume)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:

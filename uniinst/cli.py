@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from uniinst.redact import Redactor, credentials_in, redact_uri
-from uniinst.reproduce.suite import variant_names
+from uniinst.reproduce.suite import SuiteConfig, load_suite, variant_names
 
 logger = logging.getLogger("uniinst")
 
@@ -106,14 +106,35 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0 if result.finished or args.collect else 1
 
 
+def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a reproduction suite, shared by ``uniinst reproduce`` and ray_jobs/reproduce.py."""
+    parser.add_argument("--suite", required=True, help="YAML suite (configs/reproduce/*.yaml)")
+    parser.add_argument("--out", help="the suite's folder or URI (default: <storage_path>/<name>)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted suite in --out")
+    parser.add_argument("--storage-path", help="where suites live when --out is not given (storage_path)")
+    parser.add_argument(
+        "--variants", type=variant_names, default=[], metavar="NAME,NAME",
+        help="run only these variants of the suite (for example uniinst,condinst: Table 1)",
+    )
+    parser.add_argument(
+        "--set", dest="experiment_overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override the experiment of every run (repeatable), e.g. --set data.train.shards=s3://bucket/train",
+    )
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the suite, e.g. seeds=[0,1,2]")
+
+
+def suite_from_args(args: argparse.Namespace) -> SuiteConfig:
+    """The suite that :func:`add_suite_arguments`' options name, loaded and checked."""
+    return load_suite(
+        args.suite, args.overrides, experiment_overrides=args.experiment_overrides,
+        storage_path=args.storage_path, variants=args.variants,
+    )
+
+
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from uniinst.ray.reproduce import collect_suite, run_suite, suite_uri
-    from uniinst.reproduce.suite import load_suite
 
-    suite = load_suite(
-        args.suite, args.overrides, experiment_overrides=args.experiment_overrides, storage_path=args.storage_path,
-        variants=args.variants,
-    )
+    suite = suite_from_args(args)
     if args.collect:
         result = collect_suite(suite, suite_uri(suite, args.out), suite.experiment_config())
     else:
@@ -397,20 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
         "reproduce", help="the paper's ablations as a suite of Ray Train runs, reported in its tables "
         "(configs/reproduce/*.yaml)",
     )
-    rp.add_argument("--suite", required=True, help="YAML suite (configs/reproduce/synth.yaml)")
-    rp.add_argument("--out", help="the suite's folder or URI (default: <storage_path>/<name>)")
-    rp.add_argument("--resume", action="store_true", help="continue the interrupted suite in --out")
+    add_suite_arguments(rp)
     rp.add_argument("--collect", action="store_true", help="only write results.json, report.md and plots so far")
-    rp.add_argument("--storage-path", help="where suites live when --out is not given (storage_path)")
-    rp.add_argument(
-        "--variants", type=variant_names, default=[], metavar="NAME,NAME",
-        help="run only these variants of the suite (for example uniinst,condinst: Table 1)",
-    )
-    rp.add_argument(
-        "--set", dest="experiment_overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override the experiment of every run (repeatable), e.g. --set data.train.shards=s3://bucket/train",
-    )
-    rp.add_argument("overrides", nargs="*", help="dotted overrides of the suite, e.g. seeds=[0]")
     rp.set_defaults(func=_cmd_reproduce)
 
     e = sub.add_parser("evaluate", help="COCO mask AP of a checkpoint, or of an existing results file")
