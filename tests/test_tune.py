@@ -249,17 +249,26 @@ def ray_with_dashboard(aws_test_env):
     restore_local_ray()
 
 
-def _placement_groups_released(timeout: float = 60.0) -> bool:
+def _resources_held(timeout: float = 60.0) -> str:
+    """What stays reserved ``timeout`` seconds from now at most: placement groups not removed and
+    CPUs not available; empty once everything is given back."""
     import ray
     from ray.util import placement_group_table
 
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        alive = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
-        if not alive and ray.available_resources().get("CPU") == ray.cluster_resources().get("CPU"):
-            return True
+    while True:
+        alive = {pg["placement_group_id"][:8]: pg["state"] for pg in placement_group_table().values()
+                 if pg["state"] != "REMOVED"}
+        free, total = ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU", 0.0)
+        if not alive and free == total:
+            return ""
+        if time.time() > deadline:
+            from ray.util.state import list_actors
+
+            actors = [(a.class_name, a.state) for a in list_actors(limit=1000, raise_on_missing_output=False)
+                      if a.state != "DEAD"]
+            return f"placement groups {alive}, {free} of {total} CPUs free; actors {actors}"
         time.sleep(0.5)
-    return False
 
 
 def _count_resumes(run: Path) -> int:
@@ -348,7 +357,7 @@ def test_small_search_writes_table_plots_and_a_best_config_that_trains(tmp_path,
         )
     )
     assert trained.iteration == 2 and Path(trained.checkpoint).is_file()
-    assert _placement_groups_released()
+    assert not (held := _resources_held()), held
 
 
 def test_a_search_out_of_time_stops_its_trials_and_gives_their_resources_back(tmp_path, ray_with_dashboard):
@@ -364,7 +373,7 @@ def test_a_search_out_of_time_stops_its_trials_and_gives_their_resources_back(tm
     assert all(r.iteration < 100000 for r in result.records)
     # Their Ray Train runs had started (and hold placement groups) when the budget ran out.
     assert all((Path(r.run) / "config.yaml").is_file() for r in result.records)
-    assert _placement_groups_released()
+    assert not (held := _resources_held()), held
 
 
 def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):

@@ -49,7 +49,7 @@ from uniinst.engine.checkpoint import load_model_weights
 from uniinst.ray.evaluate import ShardEvalSet
 from uniinst.ray.prepare import connect, ray_executor
 from uniinst.ray.train import load_run_checkpoint, prepare_run_data, train_ray
-from uniinst.ray.tune import DRIVER_MEMORY_BYTES, check_state_api, concurrency
+from uniinst.ray.tune import DRIVER_MEMORY_BYTES, LeftoverPlacementGroups, check_state_api, concurrency
 from uniinst.redact import redact_uri
 from uniinst.reproduce.report import RESULT_KEYS, SuiteReport
 from uniinst.reproduce.suite import SuiteConfig, suite_to_dict
@@ -251,7 +251,8 @@ def run_suite(suite: SuiteConfig, *, out: str | None = None, resume: bool = Fals
     trainable = tune.with_resources(
         tune.with_parameters(run_suite_trial, setup=setup), {"cpu": 0, "memory": DRIVER_MEMORY_BYTES}
     )
-    _tuner(suite, uri, trainable, experiment, resume=resume).fit()
+    with LeftoverPlacementGroups():
+        _tuner(suite, uri, trainable, experiment, resume=resume).fit()
     wall_s = _add_wall_time(uri, time.monotonic() - start, endpoint_url=endpoint)
     return collect_suite(suite, uri, experiment, wall_s=wall_s)
 

@@ -45,25 +45,20 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.exceptions import RayTaskError
 from ray.train import (
     Checkpoint,
     CheckpointConfig,
-    ControllerError,
     FailureConfig,
     Result,
     RunConfig,
     ScalingConfig,
-    TrainingFailedError,
-    UserCallback,
-    WorkerGroupError,
 )
 from ray.train.torch import TorchTrainer
 
@@ -101,6 +96,7 @@ from uniinst.modeling.sync_batchnorm import convert_sync_batchnorm, sync_batchno
 from uniinst.modeling.uniinst import build_model
 from uniinst.redact import redact_uri
 from uniinst.ray.data import iter_train_batches
+from uniinst.ray.input_errors import EndAtInputError, fit_raising_input_errors
 from uniinst.ray.evaluate import ShardEvalSet
 from uniinst.ray.prepare import connect, ray_executor
 
@@ -111,8 +107,6 @@ VAL_METRICS_FILE = "val_metrics.json"
 _CHECKPOINT_DIR = re.compile(r"checkpoint_\d{7}")
 # Ray Train's record of a run's registered checkpoints, in the run folder.
 _RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
-# Errors of the input (data, config): the same on every try, so never worth a restart.
-_INPUT_ERRORS = (ValueError, FileNotFoundError)
 
 
 def checkpoint_dir_name(iteration: int) -> str:
@@ -183,56 +177,6 @@ def _check_sync_batchnorm(cfg: ExperimentConfig) -> None:
             f"{parts[0][1]}=SyncBN needs GPU workers (ray.use_gpu=true) with ray.num_workers > 1: "
             "torch's SyncBatchNorm does not run on CPU; use BN or GN on CPU workers"
         )
-
-
-# --------------------------------------------------------------------------- input errors
-
-
-def _first_input_error(errors: Iterable[BaseException]) -> BaseException | None:
-    """The first input error among a worker group's errors (seen through a Ray task's
-    wrapper, such as a failed Ray Data read), else None."""
-    for error in errors:
-        while isinstance(error, RayTaskError) and error.cause is not None:
-            error = error.cause
-        if isinstance(error, _INPUT_ERRORS):
-            return error
-    return None
-
-
-class _EndAtInputError(UserCallback):
-    """Ends a run at a worker's input error instead of letting Ray Train restart the worker
-    group ``ray.max_failures`` times to fail the same way.
-
-    FailureConfig cannot tell errors apart, and a worker that catches its error cannot stop
-    its peers (they wait for it in collectives). This runs on the controller before Ray
-    decides on a restart; an exception raised here becomes a ``ControllerError``, which Ray
-    Train (2.60) does not retry."""
-
-    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
-        error = _first_input_error(worker_exceptions.values())
-        if error is not None:
-            raise error
-
-
-def _fit(trainer: TorchTrainer) -> Result:
-    """``trainer.fit()``, with a worker's input error raised as itself, in one line (Ray's
-    error holds every worker's remote traceback)."""
-    try:
-        return trainer.fit()
-    except TrainingFailedError as exc:
-        if isinstance(exc, ControllerError):
-            error = _first_input_error([exc.controller_failure])
-        elif isinstance(exc, WorkerGroupError):
-            error = _first_input_error(exc.worker_failures.values())
-        else:
-            error = None
-        if error is None:
-            raise
-    lines = str(error).splitlines()
-    if len(lines) > 1:
-        # Ray Data appends its retry advice to the errors of its tasks.
-        error.args = (lines[0],)
-    raise error from None
 
 
 # --------------------------------------------------------------------------- the driver
@@ -329,10 +273,10 @@ def train_ray(cfg: ExperimentConfig, *, resume: bool = True, callbacks: list | N
             storage_filesystem=run.storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
-            callbacks=[*(callbacks or []), _EndAtInputError()],
+            callbacks=[*(callbacks or []), EndAtInputError()],
         ),
     )
-    result = _fit(trainer)
+    result = fit_raising_input_errors(trainer)
     metrics = dict(result.metrics or {})
     val = {k.removeprefix("val/"): float(v) for k, v in metrics.items() if k.startswith("val/")} or None
     best = join(run.uri, "model_best.pt")
