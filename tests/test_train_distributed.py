@@ -19,7 +19,7 @@ ray = pytest.importorskip("ray")
 
 from conftest import CONFIGS, TINY, limit_ray_data, restore_local_ray, tiny_config  # noqa: E402
 from uniinst.cli import main  # noqa: E402
-from uniinst.engine.checkpoint import load_checkpoint, seed_everything  # noqa: E402
+from uniinst.engine.checkpoint import checkpoint_name, load_checkpoint, seed_everything  # noqa: E402
 from uniinst.engine.local import train_local  # noqa: E402
 from uniinst.modeling.uniinst import build_model  # noqa: E402
 from uniinst.ray.train import load_run_checkpoint, run_checkpoints, run_location, train_ray  # noqa: E402
@@ -56,6 +56,11 @@ def _cfg(synth_data, out, *extra):
     )
 
 
+def _norm(a: dict, b: dict) -> float:
+    """The Euclidean distance between two models' floating-point weights."""
+    return sum(float((a[n].float() - b[n].float()).norm()) ** 2 for n in a if a[n].is_floating_point()) ** 0.5
+
+
 def _assert_same_weights(a: dict, b: dict, *, atol: float, rtol: float) -> None:
     assert a.keys() == b.keys()
     for name in a:
@@ -80,17 +85,26 @@ def test_two_workers_take_the_steps_of_one_process_with_twice_the_batch(ddp_run,
         rows = [json.loads(line) for line in f]
     assert [r["iteration"] for r in rows if "val/AP" in r] == [3, 4]
     ddp = load_run_checkpoint(result.checkpoint)
+    ddp_at_2 = load_run_checkpoint(f"{run_location(cfg).uri}/checkpoint_0000002")
 
     single = train_local(_cfg(synth_data, tmp_path / "single", "data.batch_size=2"))
     one = load_checkpoint(single.checkpoint)
+    one_at_2 = load_checkpoint(tmp_path / "single" / "checkpoints" / checkpoint_name(2))
     assert ddp["iteration"] == one["iteration"] == 4
     assert ddp["optimizer"]["param_groups"][0]["lr"] == pytest.approx(one["optimizer"]["param_groups"][0]["lr"])
 
+    # Two steps: the same up to the rounding of the two ways of summing the gradients.
+    _assert_same_weights(ddp_at_2["model"], one_at_2["model"], atol=2e-5, rtol=1e-4)
+    # At this LR a step multiplies that rounding gap about tenfold (measured: max 9e-7, 9e-6,
+    # 5e-5 after steps 2, 3, 4), and flips the odd discrete decision (the one P7 location's
+    # assignment), so four steps agree to a fraction of what they moved the weights: 0.7 %
+    # measured, where a wrong batch, LR or normaliser in steps 3-4 moves them tens of percent
+    # (the last step alone is 60 % of the movement).
     seed_everything(cfg.train.seed)
     init = build_model(cfg.model).state_dict()
-    moved = max(float((one["model"][k].float() - init[k].float()).abs().max()) for k in init)
-    assert moved > 1e-3  # the steps changed the weights: the comparison below means something
-    _assert_same_weights(ddp["model"], one["model"], atol=2e-5, rtol=1e-4)
+    moved = _norm(one["model"], init)
+    assert moved > 1e-2  # the steps changed the weights: the comparison means something
+    assert _norm(ddp["model"], one["model"]) < 0.05 * moved
 
 
 def test_a_stopped_run_rerun_with_its_name_ends_as_an_uninterrupted_one(ddp_run, synth_data, tmp_path):
@@ -161,7 +175,6 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_last_checkpoin
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    location = run_location(cfg)
     deadline = time.monotonic() + 300
     metrics = out / "metrics.jsonl"
 

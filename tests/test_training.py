@@ -52,7 +52,7 @@ def test_small_config_overfits_synthetic_images(synth_data, tmp_path):
 
 def test_resume_is_exact(synth_data, tmp_path):
     common = ("train.checkpoint_period=3", "train.keep_checkpoints=10", "data.val.json=", "train.log_period=100")
-    straight = train_local(tiny_config(synth_data, tmp_path / "a", "solver.max_iter=6", *common))
+    assert train_local(tiny_config(synth_data, tmp_path / "a", "solver.max_iter=6", *common)).iteration == 6
     first = train_local(tiny_config(synth_data, tmp_path / "b", "solver.max_iter=3", *common))
     assert first.iteration == 3
     resumed = train_local(tiny_config(synth_data, tmp_path / "b", "solver.max_iter=6", *common))
