@@ -201,7 +201,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _load_inference_model(args: argparse.Namespace):
     """The checkpoint's model on the chosen device, with ``--config`` (else the stored
     config) and the command's overrides."""
-    from uniinst.engine.local import load_model_for_inference
+    from uniinst.engine.inference_model import load_model_for_inference
     from uniinst.engine.trainer import resolve_device
 
     device = resolve_device(args.device)

@@ -6,7 +6,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,9 +15,7 @@ from uniinst.config import (
     DatasetConfig,
     ExperimentConfig,
     apply_values,
-    config_from_dict,
     dump_config,
-    load_config,
     to_dict,
 )
 from uniinst.data.coco import CocoDataset
@@ -29,7 +27,6 @@ from uniinst.engine.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_model_weights,
-    model_weights,
     prune_checkpoints,
     remove_stale_temporaries,
     save_checkpoint,
@@ -272,45 +269,3 @@ def _evaluate_shards(
         num_gpus=1.0 if device.type == "cuda" else 0.0,
         extra=extra,
     )
-
-
-@dataclass
-class InferenceModel:
-    """A model in eval mode, its config and the class names of its labels (None when the
-    checkpoint has none)."""
-
-    model: torch.nn.Module
-    cfg: ExperimentConfig
-    class_names: list[str] | None
-
-    @property
-    def label_names(self) -> list[str]:
-        """What to call each label in a drawing: its class name, else its number."""
-        return self.class_names or [str(i) for i in range(self.cfg.model.num_classes)]
-
-
-def load_model_for_inference(
-    checkpoint: str | Path,
-    *,
-    device: torch.device,
-    config: str | Path | None = None,
-    overrides: Sequence[str] = (),
-) -> InferenceModel:
-    """The model of ``checkpoint`` with its weights, on ``device``, in eval mode. Its config is
-    the file ``config`` when given, else the one stored in the checkpoint; ``overrides`` apply
-    to either (for example ``model.inference.nms=mask``)."""
-    state = load_checkpoint(checkpoint, map_location=device)
-    weights = model_weights(state, checkpoint)
-    if config is not None:
-        cfg = load_config(config, overrides)
-    else:
-        stored = state.get("config") if isinstance(state, Mapping) else None
-        if not isinstance(stored, Mapping):
-            raise ValueError(f"{checkpoint} holds no config: pass --config")
-        cfg = config_from_dict(stored, overrides, source=f"the config stored in {checkpoint}")
-    model = build_model(cfg.model).to(device)
-    load_model_weights(model, weights, checkpoint)
-    model.eval()
-    meta = state.get("meta", {}) if isinstance(state, Mapping) else {}
-    names = meta.get("class_names") if isinstance(meta, Mapping) else None
-    return InferenceModel(model, cfg, list(names) if names else None)

@@ -34,7 +34,7 @@ from uniinst.engine.checkpoint import load_checkpoint
 from uniinst.evaluation.categories import label_to_category_ids
 from uniinst.evaluation.coco_eval import evaluate_segm, write_report
 from uniinst.evaluation.coco_results import instances_to_coco_results, save_results
-from uniinst.modeling.uniinst import build_model
+from uniinst.engine.inference_model import inference_model
 from uniinst.ray.data import read_shards, shard_errors_for_ray, shard_errors_unwrapped
 
 logger = logging.getLogger(__name__)
@@ -197,12 +197,9 @@ class ShardPredictor:
     ) -> None:
         # The checkpoint travels through the object store (wrapped in a list so Ray does not
         # resolve it early), so the replicas need no shared filesystem.
-        checkpoint = ray.get(state[0])
-        cfg = config_from_dict(checkpoint["config"])
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = build_model(cfg.model)
-        self.model.load_state_dict(checkpoint["model"])
-        self.model.to(self.device).eval()
+        loaded = inference_model(ray.get(state[0]), source="the checkpoint", device=self.device)
+        self.model, cfg = loaded.model, loaded.cfg
         self.transform = EvalTransform(short_edge=cfg.data.min_size_test, max_size=cfg.data.max_size_test)
         self.label_to_cat = list(label_to_cat)
         self.category_ids = None if category_ids is None else set(category_ids)

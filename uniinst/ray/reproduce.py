@@ -44,8 +44,7 @@ from uniinst.data.storage import absolute, arrow_filesystem_for, download_file, 
 from uniinst.data.synthetic import generate_synthetic_coco
 from uniinst.engine.local import eval_transform
 from uniinst.evaluation.uniqueness import duplicates_per_instance
-from uniinst.modeling.uniinst import build_model
-from uniinst.engine.checkpoint import load_model_weights
+from uniinst.engine.inference_model import inference_model
 from uniinst.ray.evaluate import ShardEvalSet
 from uniinst.ray.prepare import connect, ray_executor
 from uniinst.ray.train import load_run_checkpoint, prepare_run_data, train_ray
@@ -107,14 +106,6 @@ def prepare_splits(suite: SuiteConfig, uri: str, experiment: ExperimentConfig) -
 # --------------------------------------------------------------------------- scoring a run
 
 
-def _model_with_nms(state: dict, nms: str, device: torch.device) -> torch.nn.Module:
-    cfg = config_from_dict(state["config"], [f"model.inference.nms={nms}"], source="the run's checkpoint")
-    cfg.model.backbone.pretrained = False  # the weights come from the checkpoint
-    model = build_model(cfg.model).to(device)
-    load_model_weights(model, state, "the run's checkpoint")
-    return model.eval()
-
-
 def score_run(
     checkpoint: str, splits: dict[str, DatasetConfig] | None, nms_modes: list[str], *, endpoint_url: str | None
 ) -> list[dict]:
@@ -125,7 +116,10 @@ def score_run(
     cfg = config_from_dict(state["config"])
     splits = splits if splits is not None else {"val": cfg.data.val}
     names = state.get("meta", {}).get("class_names")
-    models = {nms: _model_with_nms(state, nms, device) for nms in nms_modes}
+    models = {
+        nms: inference_model(state, source=checkpoint, device=device, overrides=[f"model.inference.nms={nms}"]).model
+        for nms in nms_modes
+    }
     transform = eval_transform(cfg)
     rows = []
     for split_name, split in splits.items():

@@ -86,6 +86,7 @@ from uniinst.engine.checkpoint import (
     seed_everything,
     set_rng_state,
 )
+from uniinst.engine.inference_model import inference_model
 from uniinst.engine.local import eval_transform, load_datasets
 from uniinst.engine.metrics import MetricsWriter
 from uniinst.engine.trainer import Trainer, format_progress
@@ -587,11 +588,9 @@ def draw_shard_predictions(
     from uniinst.visualize import save_visualization
 
     state = load_run_checkpoint(checkpoint, endpoint_url=endpoint_url, map_location=device)
-    cfg = config_from_dict(state["config"])
+    loaded = inference_model(state, source=redact_uri(checkpoint), device=device)
+    model, cfg, class_names = loaded.model, loaded.cfg, loaded.label_names
     shards = shards or cfg.data.val.shards
-    model = build_model(cfg.model).to(device).eval()
-    model.load_state_dict(state["model"])
-    class_names = state.get("meta", {}).get("class_names") or [str(i) for i in range(cfg.model.num_classes)]
     manifest = read_manifest(shards, endpoint_url=endpoint_url)
     transform = eval_transform(cfg)
     out_dir = Path(out_dir)

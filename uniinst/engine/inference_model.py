@@ -1,0 +1,74 @@
+"""A checkpoint made ready for inference, written once: ``uniinst evaluate`` and ``predict``, the
+reproduction suite's scoring, the distributed evaluation's replicas and the quickstart's
+drawings all take their model from here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uniinst.config import ExperimentConfig, config_from_dict, load_config
+from uniinst.engine.checkpoint import load_checkpoint, load_model_weights, model_weights
+from uniinst.modeling.uniinst import build_model
+
+# The weights come from the checkpoint: building the model must not fetch ImageNet ones.
+_NO_PRETRAINED = "model.backbone.pretrained=false"
+
+
+@dataclass
+class InferenceModel:
+    """A model in eval mode, its config and the class names of its labels (None when the
+    checkpoint has none)."""
+
+    model: torch.nn.Module
+    cfg: ExperimentConfig
+    class_names: list[str] | None
+
+    @property
+    def label_names(self) -> list[str]:
+        """What to call each label in a drawing: its class name, else its number."""
+        return self.class_names or [str(i) for i in range(self.cfg.model.num_classes)]
+
+
+def inference_model(
+    state: Any,
+    *,
+    source: str | Path,
+    device: torch.device,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+) -> InferenceModel:
+    """The model of the loaded checkpoint ``state`` (named ``source`` in errors) with its
+    weights, on ``device``, in eval mode. Its config is the file ``config`` when given, else
+    the one stored in the checkpoint; ``overrides`` apply to either (for example
+    ``model.inference.nms=mask``)."""
+    weights = model_weights(state, source)
+    if config is not None:
+        cfg = load_config(config, [_NO_PRETRAINED, *overrides])
+    else:
+        stored = state.get("config") if isinstance(state, Mapping) else None
+        if not isinstance(stored, Mapping):
+            raise ValueError(f"{source} holds no config: pass --config")
+        cfg = config_from_dict(stored, [_NO_PRETRAINED, *overrides], source=f"the config stored in {source}")
+    model = build_model(cfg.model).to(device)
+    load_model_weights(model, weights, source)
+    model.eval()
+    meta = state.get("meta", {}) if isinstance(state, Mapping) else {}
+    names = meta.get("class_names") if isinstance(meta, Mapping) else None
+    return InferenceModel(model, cfg, list(names) if names else None)
+
+
+def load_model_for_inference(
+    checkpoint: str | Path,
+    *,
+    device: torch.device,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+) -> InferenceModel:
+    """:func:`inference_model` of the checkpoint file ``checkpoint``."""
+    state = load_checkpoint(checkpoint, map_location=device)
+    return inference_model(state, source=checkpoint, device=device, config=config, overrides=overrides)
