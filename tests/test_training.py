@@ -35,12 +35,12 @@ def _overfit_config(synth_data, out, *extra):
 
 
 def test_small_config_overfits_synthetic_images(synth_data, tmp_path):
-    cfg = _overfit_config(synth_data, tmp_path / "run", "solver.max_iter=140", "solver.steps=[120]")
+    cfg = _overfit_config(synth_data, tmp_path / "run", "solver.max_iter=120", "solver.steps=[100]")
     result = train_local(cfg)
-    assert result.iteration == 140
+    assert result.iteration == 120
     assert result.metrics is not None
     assert result.metrics["AP"] >= 0.5, result.metrics
-    report = json.loads((tmp_path / "run" / "eval" / "iter_0000140" / "metrics.json").read_text())
+    report = json.loads((tmp_path / "run" / "eval" / "iter_0000120" / "metrics.json").read_text())
     assert report["AP"] == pytest.approx(result.metrics["AP"])
     logged = read_metrics(tmp_path / "run" / "metrics.jsonl")
     losses = [row["train/loss"] for row in logged if "train/loss" in row]

@@ -309,7 +309,7 @@ def test_small_search_writes_table_plots_and_a_best_config_that_trains(tmp_path,
     from uniinst.engine.local import train_local
     from uniinst.ray.tune import run_search
 
-    search = {"algorithm": "tpe", "num_samples": 3, "max_concurrent": 2, "seed": 3}
+    search = {"algorithm": "tpe", "num_samples": 2, "max_concurrent": 2, "seed": 3}
     cfg = load_search_config(_write_search(tmp_path / "search.yaml", tmp_path / "searches", search=search))
     out = tmp_path / "searches" / "small"
     killed: list[int] = []
@@ -323,13 +323,13 @@ def test_small_search_writes_table_plots_and_a_best_config_that_trains(tmp_path,
         killer.join()
 
     assert killed, "no trial was killed"
-    assert result.finished and len(result.records) == 3
+    assert result.finished and len(result.records) == 2
     # The killed trial failed once, was retried (max_failures: 1) and continued its Ray Train
     # run from the checkpoint it had saved.
     assert {r.trial_id: r.failures for r in result.records if r.failures} == {killed[0]: 1}
     assert _count_resumes(out / "trials" / killed[0]) == 1
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert len(rows) == 3 and len({r["trial_id"] for r in rows}) == 3
+    assert len(rows) == 2 and len({r["trial_id"] for r in rows}) == 2
     for row in rows:
         assert row["state"] in (COMPLETED, STOPPED), row
         assert 2 <= int(row["iteration"]) <= 6 and row["AP"] != "" and row["AP75"] != ""
@@ -340,8 +340,8 @@ def test_small_search_writes_table_plots_and_a_best_config_that_trains(tmp_path,
         assert run.parent == out / "trials" and list(run.glob("checkpoint_*/state.pt"))
         logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert any("val/AP" in entry for entry in logged)
-    assert len({(r["model.oyor.alpha"], r["model.loss.cls"]) for r in rows}) == 3  # TPE drew 3 points
-    assert (out / "results.md").read_text().count("\n| ") == 4  # header + 3 trials
+    assert len({(r["model.oyor.alpha"], r["model.loss.cls"]) for r in rows}) == 2  # TPE drew 2 points
+    assert (out / "results.md").read_text().count("\n| ") == 3  # header + 2 trials
     assert sorted(p.name for p in (out / "plots").iterdir()) == [
         "AP_vs_model_loss_cls.png", "AP_vs_model_loss_mask.png", "AP_vs_model_oyor_alpha.png"
     ]
@@ -383,6 +383,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, 
     env.pop("RAY_ADDRESS", None)
     path = _write_search(
         tmp_path / "search.yaml", tmp_path / "searches", name="interrupted",
+        trial_overrides=[*TINY_TRIAL, "solver.max_iter=4"],
         search={"algorithm": "random", "num_samples": 2, "max_concurrent": 1, "seed": 1},
     )
     out = tmp_path / "searches" / "interrupted"
