@@ -199,6 +199,23 @@ def test_report_tables_and_verdicts_follow_the_rows():
     assert "**does not hold**" in text and "not measured" in text
 
 
+def test_a_suite_run_whose_rows_are_written_is_neither_trained_nor_scored_again(tmp_path):
+    # A resumed suite reruns the trials Tune had not recorded as done; one that had scored its
+    # run just before the interruption must not train or score it again (the rest of a resume
+    # is Tune's restore, tests/test_tune.py, and a Ray Train run's own, tests/test_train_distributed.py).
+    from uniinst.config import to_dict
+    from uniinst.ray.reproduce import SuiteTrialSetup, run_suite_trial
+
+    suite = load_suite(_write_suite(tmp_path / "suite.yaml"))
+    runs = tmp_path / "runs"
+    rows = runs / suite.run_name("uniinst", 0) / "rows.json"
+    rows.parent.mkdir(parents=True)
+    rows.write_text("[]")
+    setup = SuiteTrialSetup(suite, to_dict(suite.experiment_config()), {}, str(runs))
+    run_suite_trial({"run": {"variant": "uniinst", "seed": 0}}, setup)
+    assert rows.read_text() == "[]" and [p.name for p in rows.parent.iterdir()] == ["rows.json"]
+
+
 # --------------------------------------------------------------------------- a real suite
 
 
