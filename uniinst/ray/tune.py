@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,9 @@ def check_state_api() -> None:
         )
 
 
+_SWEEPS, _QUIET_SWEEPS = 20, 3
+
+
 class LeftoverPlacementGroups:
     """Removes, when a search ends, the placement groups its trials' Ray Train runs still hold.
 
@@ -202,9 +206,19 @@ class LeftoverPlacementGroups:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for pg_id in self._alive() - self._before:
-            remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
-            logger.info("removed the placement group %s a stopped trial left behind", pg_id)
+        # One pass at the end once left a group behind (a fresh-clone CI run: one group and
+        # its 0.5 CPU still held a minute later); likely one a killed controller had asked for
+        # and that was created after the pass. So sweep until a few passes in a row find nothing.
+        quiet = 0
+        for _ in range(_SWEEPS):
+            leftovers = self._alive() - self._before
+            for pg_id in leftovers:
+                remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
+                logger.info("removed the placement group %s a stopped trial left behind", pg_id)
+            quiet = 0 if leftovers else quiet + 1
+            if quiet == _QUIET_SWEEPS:
+                return
+            time.sleep(1.0)
 
     def _alive(self) -> set[str]:
         from ray.util.state import list_placement_groups
