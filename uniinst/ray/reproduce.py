@@ -117,7 +117,9 @@ def score_run(
     splits = splits if splits is not None else {"val": cfg.data.val}
     names = state.get("meta", {}).get("class_names")
     models = {
-        nms: inference_model(state, source=checkpoint, device=device, overrides=[f"model.inference.nms={nms}"]).model
+        nms: inference_model(
+            state, source=redact_uri(checkpoint), device=device, overrides=[f"model.inference.nms={nms}"]
+        ).model
         for nms in nms_modes
     }
     transform = eval_transform(cfg)
