@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torchvision
 import torch.nn.functional as F
 
 from uniinst.modeling.aligned_bilinear import aligned_bilinear
@@ -291,3 +292,38 @@ def test_resnet_fpn_bad_arguments():
         ResNetFPN(depth=42)
     with pytest.raises(ValueError, match="norm"):
         ResNetFPN(depth=18, norm="LN")
+    with pytest.raises(ValueError, match="width"):
+        ResNetFPN(depth=18, norm="GN", width=48)
+    with pytest.raises(ValueError, match="width 64"):
+        ResNetFPN(depth=18, norm="FrozenBN", pretrained=True, width=32)
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_resnet_fpn_width_scales_every_stage(depth):
+    expansion = 1 if depth == 18 else 4
+    model = ResNetFPN(depth=depth, norm="GN", freeze_at=0, out_channels=32, width=32)
+    assert model.stem.conv1.out_channels == 32
+    stage_out = [stage[-1].conv1.in_channels for stage in (model.layer2, model.layer3, model.layer4)]
+    assert stage_out == [64 * expansion, 128 * expansion, 256 * expansion]
+    assert [tuple(f.shape[1:]) for f in model(torch.randn(1, 3, 64, 64))][:3] == [(32, 8, 8), (32, 4, 4), (32, 2, 2)]
+
+
+@pytest.mark.parametrize("builder", [torchvision.models.resnet18, torchvision.models.resnet50])
+def test_resnet_fpn_trunk_is_torchvisions_resnet(builder):
+    # The names of torchvision's ResNet, so that its ImageNet weights load: with the same
+    # weights the stages compute what torchvision's do.
+    torch.manual_seed(0)
+    reference = builder(norm_layer=torchvision.ops.FrozenBatchNorm2d).eval()
+    depth = int(builder.__name__.removeprefix("resnet"))
+    model = ResNetFPN(depth=depth, norm="FrozenBN", freeze_at=0, out_channels=32).eval()
+    model.load_torchvision_trunk(reference.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference.layer4(reference.layer3(reference.layer2(reference.layer1(
+            reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))))))
+        got = model.layer4(model.layer3(model.layer2(model.layer1(model.stem(x)))))
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="not a ResNet-18 trunk"):
+        ResNetFPN(depth=18, norm="FrozenBN", out_channels=32).load_torchvision_trunk(
+            torchvision.models.resnet34().state_dict()
+        )

@@ -31,6 +31,7 @@ class BackboneConfig:
     pretrained: bool = False
     norm: Literal["FrozenBN", "BN", "SyncBN", "GN"] = "FrozenBN"
     freeze_at: int = 2
+    width: int = 64  # the stem's and res2's channels; narrower only from scratch
 
 
 @dataclass
@@ -431,6 +432,7 @@ def _increasing_positive(xs: Sequence[float]) -> bool:
 _RANGES: list[tuple[str, Any, str]] = [
     ("model.num_classes", _positive, "> 0"),
     ("model.fpn_channels", _positive, "> 0"),
+    ("model.backbone.width", _positive, "> 0"),
     ("model.head.num_convs", _non_negative, ">= 0"),
     ("model.head.prior_prob", _open_fraction, "in (0, 1)"),
     ("model.head.num_groups", _positive, "> 0"),
@@ -514,6 +516,14 @@ def validate(cfg: ExperimentConfig) -> None:
         (len(m.fcos.sizes_of_interest) == 4, "model.fcos.sizes_of_interest needs 4 boundaries"),
         (len(m.pixel_mean) == 3 and len(m.pixel_std) == 3, "model.pixel_mean/pixel_std need 3 values"),
         (0 <= m.backbone.freeze_at <= 2, "model.backbone.freeze_at must be 0, 1 or 2"),
+        (
+            m.backbone.norm != "GN" or m.backbone.width % 32 == 0,
+            "model.backbone.width must be a multiple of 32 with GN (32 groups)",
+        ),
+        (
+            not m.backbone.pretrained or m.backbone.width == 64,
+            "model.backbone.width must be 64 with ImageNet weights (model.backbone.pretrained)",
+        ),
         (len(cfg.data.min_size_train) >= 1, "data.min_size_train needs at least one size"),
         (
             0 <= cfg.ray.min_workers <= cfg.ray.num_workers,

@@ -186,6 +186,7 @@ def build_model(cfg: ModelConfig) -> UniInst:
         norm=cfg.backbone.norm,
         freeze_at=cfg.backbone.freeze_at,
         out_channels=cfg.fpn_channels,
+        width=cfg.backbone.width,
     )
     mask_head = DynamicMaskHead(
         in_channels=cfg.mask_branch.out_channels,
