@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torchvision
 from torch import Tensor, nn
@@ -149,8 +149,10 @@ class ResNetFPN(nn.Module):
         result = self.load_state_dict({k: v for k, v in trunk.items() if not k.startswith("fc.")}, strict=False)
         missing = [k for k in result.missing_keys if not k.startswith("fpn.")]
         if missing or result.unexpected_keys:
-            raise ValueError(f"ResNetFPN: not a ResNet-{self.depth} trunk: missing {missing[:3]}, "
-                             f"unexpected {result.unexpected_keys[:3]}")
+            raise ValueError(
+                f"ResNetFPN: not a ResNet-{self.depth} trunk: missing {missing[:3]}, "
+                f"unexpected {result.unexpected_keys[:3]}"
+            )
 
     def forward(self, x: Tensor) -> list[Tensor]:
         c2 = self.layer1(self.stem(x))
