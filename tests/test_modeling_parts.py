@@ -221,6 +221,20 @@ def test_uniinst_head_shapes_and_init():
     assert abs(float(head.cls_tower[0].weight.detach().std()) - 0.01) < 0.002
 
 
+def test_controller_init_keeps_the_dynamic_weights_scale_of_a_256_channel_head():
+    # The authors' std of 0.01 at 256 channels; a narrower head scales it so that the
+    # controller's outputs (the dynamic mask head's weights) keep their spread.
+    torch.manual_seed(0)
+    spreads = {}
+    for channels in (256, 32):
+        head = UniInstHead(channels, 3, num_convs=1, num_params=169, num_groups=8)
+        if channels == 256:
+            assert abs(float(head.controller.weight.detach().std()) - 0.01) < 0.0005
+        with torch.no_grad():
+            spreads[channels] = float(head.controller(torch.randn(4, channels, 16, 16)).std())
+    assert spreads[32] == pytest.approx(spreads[256], rel=0.1)
+
+
 def test_uniinst_head_baseline_without_filter_or_iou():
     head = UniInstHead(16, 3, num_convs=1, num_params=10, num_groups=4, use_filter=False, use_iou=False)
     out = head(_levels(16))

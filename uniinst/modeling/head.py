@@ -75,6 +75,11 @@ class UniInstHead(nn.Module):
                 if isinstance(m, nn.Conv2d):
                     nn.init.normal_(m.weight, std=0.01)
                     nn.init.constant_(m.bias, 0.0)
+        # The controller's outputs are the dynamic mask head's weights, and its mask logits scale
+        # with their product over three layers: the authors' std of 0.01 is for 256 channels, and
+        # a narrower head keeps that output scale (at 32 channels the unscaled init left the mask
+        # loss flat for hundreds of iterations, docs/reproduction.md).
+        nn.init.normal_(self.controller.weight, std=0.01 * math.sqrt(256 / in_channels))
         # Focal-loss prior: every location starts as background with probability 1 - prior_prob.
         nn.init.constant_(self.cls_logits.bias, -math.log((1.0 - prior_prob) / prior_prob))
 
