@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 from uniinst.evaluation.coco_eval import METRIC_KEYS, evaluate_segm, format_table, write_report
 from uniinst.evaluation.coco_results import instances_to_coco_results, load_results, save_results
 from uniinst.structures import Instances
-from uniinst.visualize import draw_instances, instance_color, save_visualization
+from uniinst.visualize import draw_instances, enlarge, instance_color, save_visualization
 
 CAT_IDS = [3, 7]  # contiguous label 0 -> category 3, 1 -> category 7
 COCO_TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_tiny"
@@ -248,7 +248,23 @@ def test_draw_instances_marks_only_the_masks():
 
 def test_save_visualization_writes_png(tmp_path):
     image, inst = _drawing_case()
-    path = save_visualization(image, inst, ["cat", "dog"], tmp_path / "vis" / "pred.png")
+    path = save_visualization(image, inst, ["cat", "dog"], tmp_path / "vis" / "pred.png", min_side=64)
     with Image.open(path) as im:
         assert im.format == "PNG"
         assert np.array_equal(np.asarray(im.convert("RGB")), draw_instances(image, inst, ["cat", "dog"]))
+
+
+def test_small_images_are_drawn_enlarged_with_their_masks_pixel_for_pixel(tmp_path):
+    image, inst = _drawing_case()
+    image[5, 7] = (1, 2, 3)
+    big, big_inst = enlarge(image, inst, min_side=150)  # 64 px: 3x is the smallest factor reaching 150
+    assert big.shape == (192, 192, 3) and big_inst.masks.shape == (2, 192, 192)
+    assert np.array_equal(big[15:18, 21:24], np.broadcast_to(np.array([1, 2, 3], dtype=np.uint8), (3, 3, 3)))
+    assert torch.equal(big_inst.masks[:, ::3, ::3], inst.masks)
+    assert int(big_inst.masks[0].sum()) == 9 * int(inst.masks[0].sum())
+    path = save_visualization(image, inst, ["cat", "dog"], tmp_path / "pred.png", min_side=150)
+    with Image.open(path) as im:
+        assert im.size == (192, 192)
+        assert np.array_equal(np.asarray(im.convert("RGB")), draw_instances(big, big_inst, ["cat", "dog"]))
+    same, _ = enlarge(image, inst, min_side=64)
+    assert same is image

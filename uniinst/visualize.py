@@ -75,16 +75,33 @@ def draw_instances(
     return np.array(out)
 
 
+def enlarge(image: np.ndarray, instances: Instances, *, min_side: int) -> tuple[np.ndarray, Instances]:
+    """``image`` and the masks of ``instances`` enlarged by the smallest integer factor that
+    brings the image's shorter side to ``min_side`` (unchanged when it is already there).
+    Nearest neighbour: every pixel becomes a block, so a mask covers exactly what it did."""
+    factor = max(1, -(-min_side // min(image.shape[:2])))
+    if factor == 1:
+        return image, instances
+    masks = instances.masks.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+    big = np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+    return big, Instances(masks=masks, scores=instances.scores, labels=instances.labels)
+
+
 def save_visualization(
     image: np.ndarray,
     instances: Instances,
     class_names: Sequence[str],
     path: str | Path,
+    *,
+    min_side: int = 512,
     **kw,
 ) -> Path:
     """Draw ``instances`` on ``image`` (see :func:`draw_instances`, which takes ``kw``) and
-    write it as a PNG at ``path``; returns the path."""
+    write it as a PNG at ``path``; returns the path. An image whose shorter side is under
+    ``min_side`` is drawn enlarged (:func:`enlarge`): on a 128-px image the labels' text would
+    cover the shapes it names."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    image, instances = enlarge(image, instances, min_side=min_side)
     Image.fromarray(draw_instances(image, instances, class_names, **kw)).save(path, format="PNG")
     return path

@@ -68,7 +68,7 @@ class UniInstHead(nn.Module):
         )
         self.filter = nn.Conv2d(in_channels, 1, 3, padding=1) if use_filter else None
 
-        for module in (self.cls_tower, self.instance_tower, self.cls_logits, self.controller, self.iou_pred, self.filter):
+        for module in (self.cls_tower, self.instance_tower, self.cls_logits, self.iou_pred, self.filter):
             if module is None:
                 continue
             for m in module.modules():
@@ -80,6 +80,7 @@ class UniInstHead(nn.Module):
         # a narrower head keeps that output scale (at 32 channels the unscaled init left the mask
         # loss flat for hundreds of iterations, docs/reproduction.md).
         nn.init.normal_(self.controller.weight, std=0.01 * math.sqrt(256 / in_channels))
+        nn.init.constant_(self.controller.bias, 0.0)
         # Focal-loss prior: every location starts as background with probability 1 - prior_prob.
         nn.init.constant_(self.cls_logits.bias, -math.log((1.0 - prior_prob) / prior_prob))
 
