@@ -248,7 +248,7 @@ def test_draw_instances_marks_only_the_masks():
 
 def test_save_visualization_writes_png(tmp_path):
     image, inst = _drawing_case()
-    path = save_visualization(image, inst, ["cat", "dog"], tmp_path / "vis" / "pred.png", min_side=64)
+    path = save_visualization(image, inst, ["cat", "dog"], tmp_path / "vis" / "pred.png")
     with Image.open(path) as im:
         assert im.format == "PNG"
         assert np.array_equal(np.asarray(im.convert("RGB")), draw_instances(image, inst, ["cat", "dog"]))

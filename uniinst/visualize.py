@@ -93,13 +93,13 @@ def save_visualization(
     class_names: Sequence[str],
     path: str | Path,
     *,
-    min_side: int = 512,
+    min_side: int = 0,
     **kw,
 ) -> Path:
     """Draw ``instances`` on ``image`` (see :func:`draw_instances`, which takes ``kw``) and
     write it as a PNG at ``path``; returns the path. An image whose shorter side is under
-    ``min_side`` is drawn enlarged (:func:`enlarge`): on a 128-px image the labels' text would
-    cover the shapes it names."""
+    ``min_side`` is drawn enlarged (:func:`enlarge`), for images so small that the labels'
+    text would cover the shapes it names."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image, instances = enlarge(image, instances, min_side=min_side)

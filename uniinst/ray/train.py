@@ -108,6 +108,8 @@ VAL_METRICS_FILE = "val_metrics.json"
 _CHECKPOINT_DIR = re.compile(r"checkpoint_\d{7}")
 # Ray Train's record of a run's registered checkpoints, in the run folder.
 _RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+# Drawings of smaller images are enlarged: on a 128-px synthetic image a label covers half a shape.
+DRAWING_MIN_SIDE = 512
 
 
 def checkpoint_dir_name(iteration: int) -> str:
@@ -607,6 +609,9 @@ def draw_shard_predictions(
             batch = collate([transform(record, rng)])
             with torch.inference_mode():
                 (instances,) = model(batch.images.to(device), batch.image_sizes, orig_sizes=batch.orig_sizes)
-            save_visualization(record.image, instances.to("cpu"), class_names, out_dir / f"{record.image_id}.png")
+            save_visualization(
+                record.image, instances.to("cpu"), class_names, out_dir / f"{record.image_id}.png",
+                min_side=DRAWING_MIN_SIDE,
+            )
             drawn += 1
     return drawn
