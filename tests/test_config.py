@@ -44,6 +44,8 @@ def test_dotted_overrides_parse_yaml_values():
         ("model.arch=maskrcnn", "model.arch"),
         ("solver.steps=[1, x]", "solver.steps[1]"),
         ("model.backbone=50", "model.backbone"),
+        ("model.backbone.style=tf", "model.backbone.style"),
+        ("model.pixel_mean=[1, 2]", "model.pixel_mean"),
     ],
 )
 def test_bad_override_names_the_key(override, key):
@@ -75,3 +77,15 @@ def test_missing_base_file_and_round_trip(tmp_path):
     path = dump_config(cfg, tmp_path / "dumped.yaml")
     assert load_config(path) == cfg
     assert config_from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["model.backbone.style=caffe", "model.backbone.depth=18"], "model.backbone.depth"),
+        (["model.backbone.style=caffe", "model.backbone.pretrained=true"], "model.backbone.pretrained"),
+    ],
+)
+def test_caffe_style_needs_a_bottleneck_resnet_without_torchvision_weights(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(CONFIGS / "uniinst_R50_3x.yaml", overrides)

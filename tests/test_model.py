@@ -79,6 +79,22 @@ def test_padding_is_zero_after_normalisation():
     assert torch.all(x[..., :50, :70] != 0)
 
 
+@pytest.mark.parametrize(
+    "overrides, order, mean, std",
+    [
+        ([], [0, 1, 2], [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]),  # torchvision's RGB input
+        (["model.backbone.style=caffe", "model.backbone.depth=50"], [2, 1, 0], [103.53, 116.28, 123.675], [1.0] * 3),
+        (["model.pixel_mean=[10,20,30]", "model.pixel_std=[2,4,8]"], [0, 1, 2], [10, 20, 30], [2, 4, 8]),
+    ],
+)
+def test_the_input_follows_the_backbone_style(overrides, order, mean, std):
+    # The MSRA weights of the authors' models take BGR less the mean, torchvision's RGB over the std.
+    model = build_model(_cfg(*overrides).model)
+    images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    expected = (images[:, order].float() - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(model.normalize(images, [(32, 32)]), expected)
+
+
 def test_inference_scores_follow_the_spec_and_keep_at_most_100():
     torch.manual_seed(0)
     model = build_model(_cfg("model.inference.score_thresh=0.0").model).eval()

@@ -339,3 +339,44 @@ def test_resnet_fpn_trunk_is_torchvisions_resnet(builder):
         ResNetFPN(depth=18, norm="FrozenBN", out_channels=32).load_torchvision_trunk(
             torchvision.models.resnet34().state_dict()
         )
+
+
+def _frozen_bn(x: torch.Tensor, bn: torchvision.ops.FrozenBatchNorm2d) -> torch.Tensor:
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return x * scale.view(1, -1, 1, 1) + (bn.bias - bn.running_mean * scale).view(1, -1, 1, 1)
+
+
+def _detectron2_bottleneck(x: torch.Tensor, block: torch.nn.Module, stride: int) -> torch.Tensor:
+    # detectron2's BottleneckBlock with stride_in_1x1=True (the MSRA ResNets), written out.
+    out = F.relu(_frozen_bn(F.conv2d(x, block.conv1.weight, stride=stride), block.bn1))
+    out = F.relu(_frozen_bn(F.conv2d(out, block.conv2.weight, padding=1), block.bn2))
+    out = _frozen_bn(F.conv2d(out, block.conv3.weight), block.bn3)
+    conv, bn = block.downsample
+    return F.relu(out + _frozen_bn(F.conv2d(x, conv.weight, stride=stride), bn))
+
+
+def test_caffe_style_bottleneck_strides_in_its_first_1x1_conv():
+    torch.manual_seed(0)
+    caffe = ResNetFPN(depth=50, style="caffe", norm="FrozenBN", freeze_at=0, out_channels=32).eval()
+    pytorch = ResNetFPN(depth=50, norm="FrozenBN", freeze_at=0, out_channels=32).eval()
+    for _, buf in caffe.named_buffers():  # FrozenBN statistics that are not the identity
+        buf.copy_(torch.rand_like(buf) + 0.5)
+    pytorch.load_state_dict(caffe.state_dict())  # same names and shapes, other strides
+    with torch.no_grad():
+        for stage in (caffe.layer2, caffe.layer3, caffe.layer4):
+            x = torch.randn(2, stage[0].conv1.in_channels, 16, 16)
+            torch.testing.assert_close(stage[0](x), _detectron2_bottleneck(x, stage[0], stride=2))
+        image = torch.randn(1, 3, 64, 64)
+        caffe_out, pytorch_out = caffe(image), pytorch(image)
+    assert [f.shape for f in caffe_out] == [f.shape for f in pytorch_out]
+    assert not torch.allclose(caffe_out[0], pytorch_out[0])
+    assert caffe.layer1[0].conv1.stride == (1, 1) and caffe.layer2[0].conv2.stride == (1, 1)
+
+
+def test_caffe_style_is_refused_where_it_has_no_meaning():
+    with pytest.raises(ValueError, match="bottleneck"):
+        ResNetFPN(depth=18, style="caffe")
+    with pytest.raises(ValueError, match="pytorch style"):
+        ResNetFPN(depth=50, style="caffe", pretrained=True)
+    with pytest.raises(ValueError, match="style"):
+        ResNetFPN(depth=50, style="tf")

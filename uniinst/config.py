@@ -32,6 +32,9 @@ class BackboneConfig:
     norm: Literal["FrozenBN", "BN", "SyncBN", "GN"] = "FrozenBN"
     freeze_at: int = 2
     width: int = 64  # the stem's and res2's channels; narrower only from scratch
+    # pytorch: torchvision's ResNet (stride in the 3x3 conv, RGB input); caffe: detectron2's
+    # MSRA ResNet of the authors' models (stride in the first 1x1 conv, BGR input, mean only).
+    style: Literal["pytorch", "caffe"] = "pytorch"
 
 
 @dataclass
@@ -125,8 +128,9 @@ class ModelConfig:
     fcos: FCOSConfig = field(default_factory=FCOSConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
-    pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
-    pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    # In the backbone style's channel order, 0-255; empty: the style's own (INPUT_FORMATS).
+    pixel_mean: list[float] = field(default_factory=list)
+    pixel_std: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -514,7 +518,18 @@ def validate(cfg: ExperimentConfig) -> None:
         (m.fpn_channels % m.head.num_groups == 0, "model.fpn_channels must be divisible by model.head.num_groups"),
         (len(m.mask_head.sizes_of_interest) == 5, "model.mask_head.sizes_of_interest needs 5 values (P3-P7)"),
         (len(m.fcos.sizes_of_interest) == 4, "model.fcos.sizes_of_interest needs 4 boundaries"),
-        (len(m.pixel_mean) == 3 and len(m.pixel_std) == 3, "model.pixel_mean/pixel_std need 3 values"),
+        (
+            len(m.pixel_mean) in (0, 3) and len(m.pixel_std) in (0, 3),
+            "model.pixel_mean/pixel_std need 3 values (or none: the backbone style's)",
+        ),
+        (
+            m.backbone.style != "caffe" or m.backbone.depth in (50, 101),
+            "model.backbone.style=caffe needs a bottleneck ResNet (model.backbone.depth 50 or 101)",
+        ),
+        (
+            m.backbone.style != "caffe" or not m.backbone.pretrained,
+            "model.backbone.pretrained loads torchvision's weights, which are style pytorch, not caffe",
+        ),
         (0 <= m.backbone.freeze_at <= 2, "model.backbone.freeze_at must be 0, 1 or 2"),
         (
             m.backbone.norm != "GN" or m.backbone.width % 32 == 0,

@@ -20,6 +20,15 @@ _RESNETS: dict[int, tuple[type[BasicBlock | Bottleneck], tuple[int, ...], torchv
 }
 
 
+# style -> (channel order, pixel mean, pixel std) of the input its ImageNet weights expect, in
+# that order and 0-255: torchvision's take RGB divided by ImageNet's std, detectron2's MSRA
+# weights (caffe style) take BGR with only the mean removed.
+INPUT_FORMATS: dict[str, tuple[str, tuple[float, ...], tuple[float, ...]]] = {
+    "pytorch": ("RGB", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+    "caffe": ("BGR", (103.53, 116.28, 123.675), (1.0, 1.0, 1.0)),
+}
+
+
 def _group_norm(num_channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, num_channels)
 
@@ -62,6 +71,14 @@ def _stage(
     return nn.Sequential(*layers)
 
 
+def _stride_in_1x1(stage: nn.Sequential) -> None:
+    """Caffe style (detectron2's ``STRIDE_IN_1X1``, the MSRA ResNets): a downsampling
+    bottleneck strides in its first 1x1 convolution instead of its 3x3. No shape changes."""
+    for block in stage:
+        if block.conv2.stride != (1, 1):
+            block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
+
+
 def _init_resnet(module: nn.Module) -> None:
     """torchvision's ResNet initialisation: He-normal convolutions, unit-scale norms."""
     for m in module.modules():
@@ -83,7 +100,9 @@ class ResNetFPN(nn.Module):
     freezes nothing (0), the stem (1), or the stem and res2 (2), as detectron2's FREEZE_AT.
     ``width`` is the stem's and res2's channels (64 in every published ResNet; each later stage
     doubles it): a narrower ResNet trains from scratch in a fraction of the time (32: a third,
-    for the CPU benchmark of ``configs/reproduce/synth.yaml``).
+    for the CPU benchmark of ``configs/reproduce/synth.yaml``). ``style="caffe"`` (ResNet-50/101
+    only) strides in each downsampling bottleneck's first 1x1 convolution, as the MSRA weights
+    that the authors' models start from; its input is :data:`INPUT_FORMATS`' ``"caffe"``.
     """
 
     strides = (8, 16, 32, 64, 128)
@@ -97,6 +116,7 @@ class ResNetFPN(nn.Module):
         freeze_at: int = 2,
         out_channels: int = 256,
         width: int = 64,
+        style: str = "pytorch",
     ) -> None:
         super().__init__()
         if depth not in _RESNETS:
@@ -111,7 +131,13 @@ class ResNetFPN(nn.Module):
             raise ValueError(f"ResNetFPN: width must be positive (a multiple of 32 with GN), got {width!r}")
         if pretrained and width != 64:
             raise ValueError(f"ResNetFPN: ImageNet weights are for width 64, got {width!r}")
+        if style not in INPUT_FORMATS:
+            raise ValueError(f"ResNetFPN: style must be one of {sorted(INPUT_FORMATS)}, got {style!r}")
         block, blocks, weights = _RESNETS[depth]
+        if style == "caffe" and block is not Bottleneck:
+            raise ValueError(f"ResNetFPN: style 'caffe' is for bottleneck ResNets (50, 101), got depth {depth}")
+        if style == "caffe" and pretrained:
+            raise ValueError("ResNetFPN: torchvision's ImageNet weights are pytorch style, not style 'caffe'")
         norm_layer = _NORMS[norm]
         self.stem = nn.Sequential(
             OrderedDict(
@@ -126,6 +152,9 @@ class ResNetFPN(nn.Module):
         stages = [
             _stage(block, in_channels[i], channels[i], blocks[i], 1 if i == 0 else 2, norm_layer) for i in range(4)
         ]
+        if style == "caffe":
+            for stage in stages:
+                _stride_in_1x1(stage)
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         _init_resnet(self)
         # LastLevelP6P7 takes P5 (not C5) only when its in_channels equal out_channels.

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from uniinst.config import ModelConfig
-from uniinst.modeling.backbone import ResNetFPN
+from uniinst.modeling.backbone import INPUT_FORMATS, ResNetFPN
 from uniinst.modeling.criterion import CondInstCriterion, FlatOutputs, UniInstCriterion
 from uniinst.modeling.dynamic_mask_head import DynamicMaskHead
 from uniinst.modeling.head import UniInstHead
@@ -45,8 +45,9 @@ class UniInst(nn.Module):
         criterion: nn.Module,
         *,
         arch: str = "uniinst",
-        pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
-        pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
+        input_format: str = "RGB",
+        pixel_mean: Sequence[float] = INPUT_FORMATS["pytorch"][1],
+        pixel_std: Sequence[float] = INPUT_FORMATS["pytorch"][2],
         strides: Sequence[int] = (8, 16, 32, 64, 128),
         topk_per_level: int = 100,
         score_thresh: float = 0.025,
@@ -58,6 +59,8 @@ class UniInst(nn.Module):
         super().__init__()
         if arch not in ("uniinst", "condinst"):
             raise ValueError(f"arch must be 'uniinst' or 'condinst', got {arch!r}")
+        if input_format not in ("RGB", "BGR"):
+            raise ValueError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}")
         if nms not in ("none", "mask", "matrix"):
             raise ValueError(f"nms must be 'none', 'mask' or 'matrix', got {nms!r}")
         self.backbone = backbone
@@ -66,6 +69,7 @@ class UniInst(nn.Module):
         self.mask_head = mask_head
         self.criterion = criterion
         self.arch = arch
+        self.input_format = input_format
         self.strides = tuple(strides)
         self.topk_per_level = topk_per_level
         self.score_thresh = score_thresh
@@ -77,6 +81,10 @@ class UniInst(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1), False)
 
     def normalize(self, images: Tensor, image_sizes: Sequence[tuple[int, int]]) -> Tensor:
+        """RGB images (as every data path gives them) in the backbone's channel order, less the
+        pixel mean, over the pixel std, and zero in the padding."""
+        if self.input_format == "BGR":
+            images = images.flip(1)
         x = (images.float() - self.pixel_mean) / self.pixel_std
         _, _, H, W = x.shape
         rows = torch.arange(H, device=x.device).view(1, H, 1)
@@ -187,6 +195,7 @@ def build_model(cfg: ModelConfig) -> UniInst:
         freeze_at=cfg.backbone.freeze_at,
         out_channels=cfg.fpn_channels,
         width=cfg.backbone.width,
+        style=cfg.backbone.style,
     )
     mask_head = DynamicMaskHead(
         in_channels=cfg.mask_branch.out_channels,
@@ -246,6 +255,7 @@ def build_model(cfg: ModelConfig) -> UniInst:
             weight_mask=loss.mask,
         )
     inf = cfg.inference
+    input_format, style_mean, style_std = INPUT_FORMATS[cfg.backbone.style]
     return UniInst(
         backbone,
         head,
@@ -253,8 +263,9 @@ def build_model(cfg: ModelConfig) -> UniInst:
         mask_head,
         criterion,
         arch=cfg.arch,
-        pixel_mean=cfg.pixel_mean,
-        pixel_std=cfg.pixel_std,
+        input_format=input_format,
+        pixel_mean=cfg.pixel_mean or style_mean,
+        pixel_std=cfg.pixel_std or style_std,
         topk_per_level=inf.topk_per_level,
         score_thresh=inf.score_thresh,
         max_detections=inf.max_detections,
