@@ -1,4 +1,4 @@
-"""The ``uniinst`` command: synth, prepare, train, quickstart, tune, reproduce, evaluate, predict."""
+"""The ``uniinst`` command: synth, prepare, train, quickstart, tune, reproduce, convert-weights, evaluate, predict."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from uniinst.reproduce.suite import SuiteConfig, load_suite, variant_names
 logger = logging.getLogger("uniinst")
 
 DEFAULT_QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+DEFAULT_AUTHORS_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "uniinst_R50_3x.yaml"
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -172,6 +173,41 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
         f"\nquickstart done after {result.iteration} iterations: val mask AP {without['AP']:.1f} without NMS, "
         f"{with_nms['AP']:.1f} with mask NMS; {without['duplicates_per_gt']:.2f} duplicates per instance "
         "(predictions >= 0.3 that mask NMS would remove, per ground-truth instance)"
+    )
+    return 0
+
+
+# What the authors' weights are, whatever the config says: detectron2's caffe-style ResNet,
+# trained from the MSRA weights rather than torchvision's.
+_AUTHORS_BACKBONE = ("model.backbone.style=caffe", "model.backbone.pretrained=false")
+
+
+def _cmd_convert_weights(args: argparse.Namespace) -> int:
+    from uniinst.config import load_config, to_dict
+    from uniinst.engine.adelaidet_weights import convert_state_dict
+    from uniinst.engine.checkpoint import load_checkpoint, model_weights, save_checkpoint
+    from uniinst.evaluation.categories import COCO_CLASS_NAMES
+    from uniinst.modeling.uniinst import build_model
+
+    cfg = load_config(args.config, [*_AUTHORS_BACKBONE, *args.overrides])
+    source = load_checkpoint(args.source)
+    model = build_model(cfg.model)
+    weights, ignored = convert_state_dict(
+        model_weights(source, args.source), model.state_dict(), source_name=str(args.source)
+    )
+    model.load_state_dict(weights)
+    coco = cfg.model.num_classes == len(COCO_CLASS_NAMES)
+    state = {
+        "model": weights,
+        "config": to_dict(cfg),
+        "iteration": int(source.get("iteration", 0)),
+        "meta": {"class_names": list(COCO_CLASS_NAMES)} if coco else {},
+    }
+    save_checkpoint(state, args.out)
+    print(
+        f"{args.source} -> {args.out}: {len(weights)} weights, ResNet-{cfg.model.backbone.depth} caffe style, "
+        f"{cfg.model.num_classes} classes{' (COCO names)' if coco else ''}; "
+        f"{len(ignored)} source keys unused: {', '.join(ignored) or 'none'}"
     )
     return 0
 
@@ -421,6 +457,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_suite_arguments(rp)
     rp.add_argument("--collect", action="store_true", help="only write results.json, report.md and plots so far")
     rp.set_defaults(func=_cmd_reproduce)
+
+    cw = sub.add_parser(
+        "convert-weights", help="the authors' AdelaiDet UniInst .pth as a checkpoint of this project (docs/models.md)"
+    )
+    cw.add_argument("source", help="the authors' checkpoint, e.g. UniInst_MS_R_50_3x.pth")
+    cw.add_argument("--out", required=True, help="the checkpoint to write (.pt)")
+    cw.add_argument(
+        "--config", default=str(DEFAULT_AUTHORS_CONFIG),
+        help="the model it is (default: configs/uniinst_R50_3x.yaml; the R-101 models: uniinst_R101_6x.yaml)",
+    )
+    cw.add_argument("overrides", nargs="*", help="dotted config overrides")
+    cw.set_defaults(func=_cmd_convert_weights)
 
     e = sub.add_parser("evaluate", help="COCO mask AP of a checkpoint, or of an existing results file")
     e.add_argument("--checkpoint", help="model checkpoint (.pt)")

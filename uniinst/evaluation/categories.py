@@ -10,6 +10,21 @@ logger = logging.getLogger(__name__)
 # Labels whose class the ground truth lacks: their predictions are dropped.
 NOT_IN_GT = -1
 
+# COCO 2017's 80 thing classes in category-id order: the labels of a model trained on COCO,
+# such as the authors' released UniInst weights.
+COCO_CLASS_NAMES: tuple[str, ...] = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
+)
+
 
 def _shown(names: Sequence[object], limit: int = 5) -> str:
     return ", ".join(map(str, names[:limit])) + (", ..." if len(names) > limit else "")
