@@ -116,6 +116,9 @@ class InferenceConfig:
 class ModelConfig:
     arch: Literal["uniinst", "condinst"] = "uniinst"
     num_classes: int = 80
+    # A checkpoint (path or URI; ours or from uniinst convert-weights) a new run starts from:
+    # its weights, not its optimiser or iteration; another class count starts the classifier afresh.
+    weights: str = ""
     fpn_channels: int = 256
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)

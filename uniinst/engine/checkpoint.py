@@ -8,11 +8,14 @@ import random
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from uniinst.redact import redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +65,13 @@ def model_weights(state: Any, source: str | Path) -> Mapping[str, torch.Tensor]:
     raise ValueError(f"{source}: not a model checkpoint (no 'model' weights; it holds {keys})")
 
 
-def load_model_weights(model: nn.Module, state: Any, source: str | Path) -> None:
-    """Load a checkpoint's weights into ``model`` strictly; a checkpoint of another
-    architecture or class count is an error that names the checkpoint and the keys that differ."""
-    weights = model_weights(state, source)
+def load_model_weights(model: nn.Module, state: Any, source: str | Path, *, keep_own: Sequence[str] = ()) -> None:
+    """Load a checkpoint's weights into ``model`` strictly, except the keys ``keep_own``, which
+    keep the model's values; a checkpoint of another architecture or class count is an error
+    that names the checkpoint and the keys that differ."""
     own = model.state_dict()
+    weights = {**{k: v for k, v in model_weights(state, source).items() if k not in keep_own},
+               **{k: own[k] for k in keep_own}}
     missing = [k for k in own if k not in weights]
     unexpected = [k for k in weights if k not in own]
     reshaped = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
@@ -87,6 +92,42 @@ def load_model_weights(model: nn.Module, state: Any, source: str | Path) -> None
             "Is it a checkpoint of another architecture or class count (model.*)?"
         )
     model.load_state_dict(weights)
+
+
+# The layer a fine-tuning to another class count starts afresh.
+CLASSIFIER_KEYS = ("head.cls_logits.weight", "head.cls_logits.bias")
+
+
+def load_initial_weights(
+    model: nn.Module, checkpoint: str, *, endpoint_url: str | None = None, announce: bool = True
+) -> list[str]:
+    """Start a new run of ``model`` from ``checkpoint`` (a path or URI of ours or a converted
+    one): its weights only, not its optimiser, schedule or iteration. Where the class counts
+    differ, the classification layer keeps its own initialisation; returns the keys so
+    skipped, and with ``announce`` logs what it did. Any other difference is an error naming
+    the key."""
+    source = redact_uri(checkpoint)
+    if "://" in checkpoint:
+        from uniinst.data.storage import download_file
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "weights.pt"
+            if not download_file(checkpoint, local, endpoint_url=endpoint_url):
+                raise FileNotFoundError(f"model.weights: {source} does not exist")
+            state = load_checkpoint(local)
+    else:
+        state = load_checkpoint(checkpoint)
+    weights, own = model_weights(state, source), model.state_dict()
+    skipped = [k for k in CLASSIFIER_KEYS if k in weights and k in own and weights[k].shape != own[k].shape]
+    load_model_weights(model, state, source, keep_own=skipped)
+    if announce:
+        logger.info("initialised from %s (weights only: a new run from iteration 0)", source)
+    if announce and skipped:
+        logger.info(
+            "the classification layer starts afresh: the checkpoint has %d classes, the model %d; skipped %s",
+            weights[skipped[0]].shape[0], own[skipped[0]].shape[0], ", ".join(skipped),
+        )
+    return skipped
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:

@@ -26,6 +26,7 @@ from uniinst.engine.checkpoint import (
     checkpoint_name,
     list_checkpoints,
     load_checkpoint,
+    load_initial_weights,
     load_model_weights,
     prune_checkpoints,
     remove_stale_temporaries,
@@ -136,6 +137,8 @@ def train_local(cfg: ExperimentConfig, *, resume: bool = True) -> TrainResult:
     state = load_checkpoint(existing[-1], map_location=device) if existing else None
     if state is not None:
         load_model_weights(model, state, existing[-1])
+    elif cfg.model.weights:
+        load_initial_weights(model, cfg.model.weights, endpoint_url=cfg.data.endpoint_url or None)
     cfg = with_synthetic_data(cfg)
     train_set, val_set = load_datasets(cfg)
     trainer = Trainer(model, cfg, device=device, meta={"class_names": train_set.class_names})

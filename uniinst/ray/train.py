@@ -80,6 +80,7 @@ from uniinst.data.synthetic import generate_synthetic_coco
 from uniinst.data.transforms import TrainTransform
 from uniinst.engine.checkpoint import (
     load_checkpoint,
+    load_initial_weights,
     load_model_weights,
     rng_state,
     save_checkpoint,
@@ -239,11 +240,15 @@ def _check_resume(cfg: ExperimentConfig, run: RunLocation) -> str | None:
         return None
     uri = join(run.uri, os.path.basename(latest.path.rstrip("/")))
     state = load_run_checkpoint(uri, endpoint_url=run.endpoint_url)
-    # The weights are loaded over a random initialisation: no ImageNet download.
+    load_model_weights(_random_model(cfg), state, redact_uri(uri))
+    return os.path.basename(uri)
+
+
+def _random_model(cfg: ExperimentConfig) -> torch.nn.Module:
+    """``cfg``'s model without ImageNet weights, for checking that other weights fit it."""
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.backbone.pretrained = False
-    load_model_weights(build_model(model_cfg), state, redact_uri(uri))
-    return os.path.basename(uri)
+    return build_model(model_cfg)
 
 
 def train_ray(cfg: ExperimentConfig, *, resume: bool = True, callbacks: list | None = None) -> RayTrainResult:
@@ -258,6 +263,9 @@ def train_ray(cfg: ExperimentConfig, *, resume: bool = True, callbacks: list | N
     if existing and not resume:
         raise FileExistsError(f"run {redact_uri(run.uri)} already holds {existing[-1]}: pick another name or resume")
     resumed = _check_resume(cfg, run)
+    if resumed is None and cfg.model.weights:
+        # Checked (and said) here, so that weights that do not fit fail before any worker starts.
+        load_initial_weights(_random_model(cfg), cfg.model.weights, endpoint_url=cfg.data.endpoint_url or None)
     cfg, class_names = prepare_run_data(cfg, run.uri, run.endpoint_url)
     with tempfile.TemporaryDirectory() as tmp:
         upload_file(dump_config(cfg, Path(tmp) / "config.yaml"), join(run.uri, "config.yaml"), endpoint_url=run.endpoint_url)
@@ -442,6 +450,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed_everything(cfg.train.seed + rank)
 
     model = build_model(cfg.model).to(device)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and cfg.model.weights:
+        load_initial_weights(model, cfg.model.weights, endpoint_url=cfg.data.endpoint_url or None, announce=False)
     convert_sync_batchnorm(model, cfg.model, world)
     forward_model: torch.nn.Module = model
     if world > 1:
@@ -452,7 +463,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model, cfg, device=device, world_size=world, forward_model=forward_model,
         meta={"class_names": config["class_names"]},
     )
-    checkpoint = ray.train.get_checkpoint()
     position, latest_val = _restore(trainer, checkpoint, rank, device) if checkpoint is not None else (0, {})
     first_iteration = trainer.iteration
     files: _RunFiles | None = None
