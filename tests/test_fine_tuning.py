@@ -75,3 +75,15 @@ def test_a_missing_weights_file_is_one_line_and_exit_code_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nowhere.pt" in err[0]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_weights_of_the_other_backbone_style_are_refused(tmp_path):
+    # Caffe and pytorch styles share names and shapes: only the stored config tells them apart.
+    caffe = load_config(CONFIGS / "uniinst_R50_3x.yaml", ["model.backbone.style=caffe", "model.backbone.pretrained=false"])
+    path = save_checkpoint(
+        {"model": build_model(caffe.model).state_dict(), "config": {"model": {"backbone": {"style": "caffe"}}}},
+        tmp_path / "caffe.pt",
+    )
+    pytorch = load_config(CONFIGS / "uniinst_R50_3x.yaml", ["model.backbone.pretrained=false"])
+    with pytest.raises(ValueError, match="set model.backbone.style=caffe"):
+        load_initial_weights(build_model(pytorch.model), str(path))

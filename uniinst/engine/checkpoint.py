@@ -117,6 +117,7 @@ def load_initial_weights(
             state = load_checkpoint(local)
     else:
         state = load_checkpoint(checkpoint)
+    _check_backbone_style(state, model, source)
     weights, own = model_weights(state, source), model.state_dict()
     skipped = [k for k in CLASSIFIER_KEYS if k in weights and k in own and weights[k].shape != own[k].shape]
     load_model_weights(model, state, source, keep_own=skipped)
@@ -128,6 +129,21 @@ def load_initial_weights(
             weights[skipped[0]].shape[0], own[skipped[0]].shape[0], ", ".join(skipped),
         )
     return skipped
+
+
+def _check_backbone_style(state: Any, model: nn.Module, source: str) -> None:
+    """Both styles have the same weight names and shapes, so only the checkpoint's config tells
+    caffe-style weights from pytorch-style ones; a model of the other style computes nonsense."""
+    config = state.get("config") if isinstance(state, Mapping) else None
+    if not isinstance(config, Mapping):
+        return  # a bare state dict: nothing tells
+    style = config.get("model", {}).get("backbone", {}).get("style", "pytorch")
+    own = getattr(getattr(model, "backbone", None), "style", None)
+    if own and style != own:
+        raise ValueError(
+            f"model.weights: {source} has a {style}-style backbone, the model a {own}-style one: "
+            f"set model.backbone.style={style}"
+        )
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:

@@ -164,6 +164,7 @@ class ResNetFPN(nn.Module):
             extra_blocks=LastLevelP6P7(out_channels, out_channels),
         )
         self.depth = depth
+        self.style = style
         self.out_channels = out_channels
         if pretrained:
             self.load_torchvision_trunk(weights.get_state_dict(progress=False))
