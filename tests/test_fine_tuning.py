@@ -7,8 +7,8 @@ import logging
 
 import pytest
 import torch
-
 from conftest import CONFIGS, TINY, TINY_SYNTHETIC
+
 from uniinst.cli import main
 from uniinst.config import load_config
 from uniinst.engine.checkpoint import CLASSIFIER_KEYS, load_initial_weights, save_checkpoint
