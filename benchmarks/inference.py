@@ -1,9 +1,10 @@
-"""Inference latency of UniInst R-50-FPN next to torchvision's Mask R-CNN R-50-FPN.
+"""Inference latency of UniInst R-50-FPN, eager and exported to ONNX Runtime, next to
+torchvision's Mask R-CNN R-50-FPN.
 
 Both models see the same pixels (a synthetic image of occluding shapes), batch 1, eval mode,
 ``torch.inference_mode()``. The weights are untrained and would produce almost no detection,
 which skips the mask heads, so both are forced to run their full post-processing on 100
-detections. UniInst keeps every location score (``score_thresh=-1``: its fixed-size top-k
+detections. UniInst keeps every location with a positive score (``score_thresh=0``: its fixed-size top-k
 keeps the best 100). Mask R-CNN's box score threshold is set so that its best
 ``--maskrcnn-candidates`` (box, class) pairs (1000 by default) enter its per-class NMS, the
 order of what a trained model's default threshold of 0.05 lets through. A threshold of 0
@@ -11,9 +12,14 @@ order of what a trained model's default threshold of 0.05 lets through. A thresh
 classes into NMS (softmax scores are never 0), a workload no trained model has, which makes
 Mask R-CNN look far slower than it is.
 
-The two models run interleaved (A B A B ...) after warm-up and the medians are reported: on
-a shared machine the ratio of the two is far more stable than either absolute figure. The
-last line of output is one JSON object with the results.
+ONNX Runtime runs the program ``uniinst export`` writes (the NMS-free forward with its masks at
+the input's size), exported from the same weights, with as many intra-op threads as torch.
+Each model's FLOPs (torch's FlopCounterMode, one eager run; the ONNX program does UniInst's
+work) over its median time gives the rate it achieves.
+
+The models run interleaved (A B C A B C ...) after warm-up and the medians are reported: on
+a shared machine the ratios are far more stable than any absolute figure. The last line of
+output is one JSON object with the results.
 
     python benchmarks/inference.py                        # CPU, torch's current thread count
     python benchmarks/inference.py --device cuda --amp    # GPU, fp16 autocast
@@ -35,8 +41,12 @@ from PIL import Image
 from torch import nn
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
+from torch.utils.flop_counter import FlopCounterMode
+
 from uniinst.config import load_config
 from uniinst.data.synthetic import generate_synthetic_coco
+from uniinst.engine.export import INPUT_NAME, export_model
+from uniinst.engine.inference_model import InferenceModel
 from uniinst.modeling.uniinst import build_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,6 +97,27 @@ def calibrate_box_threshold(model: nn.Module, inputs: list[torch.Tensor], candid
     return float(torch.nextafter(kth, kth.new_tensor(0.0)))
 
 
+def onnx_runner(model: nn.Module, cfg, image: torch.Tensor, threads: int, folder: Path) -> Callable[[], int]:
+    """ONNX Runtime running the exported program of ``model`` on ``image``; returns a callable
+    that runs it once and gives its number of instances."""
+    import onnxruntime as ort
+
+    path = export_model(InferenceModel(model, cfg, None), folder / "uniinst.onnx", fmt="onnx")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {INPUT_NAME: image.numpy()}
+    return lambda: int((session.run(None, feed)[1] > 0).sum())
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -115,6 +146,10 @@ def main() -> None:
         help="(box, class) pairs Mask R-CNN sends into NMS (0: every pair, box_score_thresh=0)",
     )
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="UniInst config")
+    parser.add_argument(
+        "--onnx", action=argparse.BooleanOptionalAction, default=True,
+        help="also time the exported program in ONNX Runtime (CPU only)",
+    )
     args = parser.parse_args()
     if args.iters < 1 or args.warmup < 0 or args.threads < 1 or args.maskrcnn_candidates < 0:
         parser.error("--iters and --threads must be >= 1, --warmup and --maskrcnn-candidates >= 0")
@@ -123,13 +158,15 @@ def main() -> None:
         parser.error(f"--device {args.device} but CUDA is not available")
     if args.amp and device.type != "cuda":
         parser.error("--amp needs --device cuda")
+    if args.onnx and device.type != "cpu":
+        parser.error("--onnx times ONNX Runtime on the CPU: add --no-onnx with --device cuda")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     height, width = args.size
     image = synthetic_image(height, width)
 
-    cfg = load_config(args.config, ["model.backbone.pretrained=false", "model.inference.score_thresh=-1.0"])
+    cfg = load_config(args.config, ["model.backbone.pretrained=false", "model.inference.score_thresh=0.0"])
     uniinst = build_model(cfg.model).eval().to(device)
     # min_size/max_size equal to the input's sides: Mask R-CNN keeps the input's resolution.
     maskrcnn = (
@@ -166,6 +203,11 @@ def main() -> None:
         )
 
     runners = {"uniinst": run_uniinst, "maskrcnn": run_maskrcnn}
+    flops = {"uniinst": count_flops(run_uniinst), "maskrcnn": count_flops(run_maskrcnn)}
+    workdir = tempfile.TemporaryDirectory()
+    if args.onnx:
+        runners["uniinst_onnx"] = onnx_runner(uniinst, cfg, image, args.threads, Path(workdir.name))
+        flops["uniinst_onnx"] = flops["uniinst"]
     detections = {}
     for _ in range(args.warmup):
         for name, fn in runners.items():
@@ -176,14 +218,19 @@ def main() -> None:
             ms, detections[name] = time_once(fn, device)
             times[name].append(ms)
 
+    workdir.cleanup()
     medians = {name: statistics.median(t) for name, t in times.items()}
     ratio = medians["uniinst"] / medians["maskrcnn"]
     precision = "fp16 autocast" if args.amp else "fp32"
     print(f"input {height}x{width}, batch 1, {device}, {precision}, threads {args.threads}, torch {torch.__version__}")
-    print(f"{'model':<24}{'median ms':>11}{'min ms':>9}{'max ms':>9}{'detections':>12}")
-    for name, label in (("uniinst", "UniInst R-50-FPN"), ("maskrcnn", "Mask R-CNN R-50-FPN")):
-        t = times[name]
-        print(f"{label:<24}{medians[name]:>11.1f}{min(t):>9.1f}{max(t):>9.1f}{detections[name]:>12d}")
+    print(f"{'model':<30}{'median ms':>11}{'min ms':>9}{'max ms':>9}{'detections':>12}{'GFLOP':>8}{'GFLOP/s':>9}")
+    labels = {"uniinst": "UniInst R-50-FPN", "maskrcnn": "Mask R-CNN R-50-FPN", "uniinst_onnx": "UniInst R-50-FPN, ONNX RT"}
+    for name, t in times.items():
+        gflop = flops[name] / 1e9
+        print(
+            f"{labels[name]:<30}{medians[name]:>11.1f}{min(t):>9.1f}{max(t):>9.1f}{detections[name]:>12d}"
+            f"{gflop:>8.0f}{gflop / (medians[name] / 1000):>9.1f}"
+        )
     print(
         f"Mask R-CNN box score threshold {maskrcnn.roi_heads.score_thresh:.6g} "
         f"({args.maskrcnn_candidates or 'all'} candidates into NMS)"
@@ -193,12 +240,17 @@ def main() -> None:
         "uniinst_ms": round(medians["uniinst"], 2),
         "maskrcnn_ms": round(medians["maskrcnn"], 2),
         "ratio": round(ratio, 4),
+        "gflop": {name: round(f / 1e9, 1) for name, f in flops.items()},
         "device": str(device),
         "threads": args.threads,
         "size": [height, width],
         "iters": args.iters,
         "amp": args.amp,
     }
+    if args.onnx:
+        onnx_ratio = medians["uniinst_onnx"] / medians["maskrcnn"]
+        print(f"ratio UniInst ONNX Runtime / Mask R-CNN: {onnx_ratio:.3f}")
+        result.update(uniinst_onnx_ms=round(medians["uniinst_onnx"], 2), onnx_ratio=round(onnx_ratio, 4))
     print(json.dumps(result))
 
 

@@ -8,30 +8,32 @@ import sys
 import textwrap
 
 from conftest import CONFIGS, REPO, TINY
+from PIL import Image
 
-# What `pip install -e .` lacks that `pip install -e ".[ray]"` brings (and what they bring in).
-EXTRA_PACKAGES = ["ray", "pyarrow", "fsspec", "s3fs", "aiobotocore", "botocore", "boto3", "optuna", "moto"]
+from uniinst.config import load_config, to_dict
+from uniinst.engine.checkpoint import save_checkpoint
+from uniinst.modeling.uniinst import build_model
+
+# What `pip install -e .` lacks that the "ray" and "export" extras bring (and what they bring in).
+EXTRA_PACKAGES = [
+    "ray", "pyarrow", "fsspec", "s3fs", "aiobotocore", "botocore", "boto3", "optuna", "moto",
+    "onnx", "onnxscript", "onnx_ir", "onnxruntime",
+]
 
 _SCRIPT = """
-import importlib.abc, json, sys
+import json, sys
 
 BLOCKED = set({blocked!r})
+# As if the packages were not installed: importing one fails as it would then, and looking
+# for one (importlib.util.find_spec, as torch does for onnx) finds nothing.
+for name in BLOCKED:
+    sys.modules[name] = None
 
-
-class WithoutTheExtra(importlib.abc.MetaPathFinder):
-    # As if the packages were not installed: every import of them fails as it would then.
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-        return None
-
-
-sys.meta_path.insert(0, WithoutTheExtra())
 from uniinst.cli import main
 
 codes = [main(args) for args in json.loads(sys.argv[1])]
 print("CODES", json.dumps(codes))
-print("LOADED", json.dumps(sorted({{m.split(".")[0] for m in sys.modules}} & BLOCKED)))
+print("LOADED", json.dumps(sorted({{m.split(".")[0] for m, mod in sys.modules.items() if mod is not None}} & BLOCKED)))
 """
 
 
@@ -61,20 +63,31 @@ def test_synth_train_evaluate_predict_need_no_extra(tmp_path):
         train,
         ["evaluate", "--checkpoint", ckpt, "--out", str(tmp_path / "eval")],
         ["predict", str(data / "val" / "000001.jpg"), "--checkpoint", ckpt, "--out", str(tmp_path / "png")],
+        ["export", "--checkpoint", ckpt, "--format", "torchscript", "--out", str(tmp_path / "m.ts")],
     ]
     codes, loaded, stderr = _run_without_extra(tmp_path, commands)
-    assert codes == [0, 0, 0, 0], stderr[-3000:]
+    assert codes == [0, 0, 0, 0, 0], stderr[-3000:]
     assert loaded == []
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["AP"] >= 0
     assert (tmp_path / "png" / "000001.png").is_file()
 
 
-def test_a_command_that_needs_the_extra_says_how_to_install_it(tmp_path):
+def test_a_command_that_needs_an_extra_says_how_to_install_it(tmp_path):
+    cfg = load_config(CONFIGS / "synth_R18_uniinst.yaml", TINY)
+    ckpt = save_checkpoint({"model": build_model(cfg.model).state_dict(), "config": to_dict(cfg)}, tmp_path / "m.pt")
+    image = tmp_path / "in.png"
+    Image.new("RGB", (64, 48)).save(image)
+    (tmp_path / "any.onnx").write_bytes(b"")
     commands = [
         ["prepare", "--json", str(tmp_path / "a.json"), "--images", str(tmp_path), "--out", str(tmp_path / "o")],
         ["evaluate", "--shards", str(tmp_path / "shards"), "--checkpoint", str(tmp_path / "m.pt"), "--out", str(tmp_path)],
+        ["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "m.onnx")],
+        ["predict", str(image), "--checkpoint", str(tmp_path / "any.onnx"), "--backend", "onnx", "--out", str(tmp_path)],
     ]
     codes, _, stderr = _run_without_extra(tmp_path, commands)
-    assert codes == [2, 2]
+    assert codes == [2, 2, 2, 2]
     lines = [line for line in stderr.splitlines() if line.startswith("uniinst ")]
-    assert len(lines) == 2 and all("pip install 'uniinst[ray]'" in line for line in lines), stderr
+    assert len(lines) == 4, stderr
+    assert all("pip install 'uniinst[ray]'" in line for line in lines[:2]), stderr
+    assert all("pip install 'uniinst[export]'" in line for line in lines[2:]), stderr
+    assert not (tmp_path / "m.onnx").exists()

@@ -232,7 +232,7 @@ def test_evaluating_a_4_class_model_on_80_categories_needs_names_or_a_map(synth_
     cfg = tiny_config(synth_data, tmp_path / "run")
     model = build_model(cfg.model).eval()
     dataset = CocoDataset(gt80, synth_data / "val")
-    kwargs = dict(transform=eval_transform(cfg), device=torch.device("cpu"))
+    kwargs = dict(transform=eval_transform(cfg))
     with pytest.raises(ValueError, match=r"4 unnamed classes cannot be matched to .*gt80\.json \(80 categories"):
         evaluate_model(model, dataset, tmp_path / "none", **kwargs)
     assert not (tmp_path / "none").exists()

@@ -1,4 +1,5 @@
-"""The ``uniinst`` command: synth, prepare, train, quickstart, tune, reproduce, convert-weights, evaluate, predict."""
+"""The ``uniinst`` command: synth, prepare, train, quickstart, tune, reproduce, convert-weights, export, evaluate,
+predict."""
 
 from __future__ import annotations
 
@@ -249,7 +250,6 @@ def _evaluate_checkpoint(args: argparse.Namespace, out: Path) -> dict[str, float
     import torch
 
     from uniinst.data.coco import CocoDataset
-    from uniinst.engine.local import eval_transform
     from uniinst.evaluation.inference import evaluate_model
 
     loaded = _load_inference_model(args)
@@ -258,10 +258,9 @@ def _evaluate_checkpoint(args: argparse.Namespace, out: Path) -> dict[str, float
     images = args.images or cfg.data.val.images
     if not gt:
         raise SystemExit("no ground truth: pass --gt GT.json --images DIR, or a config with data.val")
-    device = next(loaded.model.parameters()).device
     with torch.inference_mode():
         return evaluate_model(
-            loaded.model, CocoDataset(gt, images), out, transform=eval_transform(cfg), device=device,
+            loaded.model, CocoDataset(gt, images), out, transform=loaded.transform,
             extra={"checkpoint": str(args.checkpoint), "gt": str(gt)},
             class_names=loaded.class_names, label_map=_label_map(args),
         )
@@ -325,20 +324,16 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    import torch
-
     from uniinst.data.coco import CocoRecord
     from uniinst.data.collate import collate
-    from uniinst.engine.local import eval_transform
     from uniinst.visualize import save_visualization
 
     paths, args.overrides = split_overrides(args.inputs)
     if not paths:
         raise SystemExit("uniinst predict: name at least one image")
-    loaded = _load_inference_model(args)
+    loaded = _load_predictor(args)
     class_names = args.class_names.split(",") if args.class_names else loaded.label_names
-    device = next(loaded.model.parameters()).device
-    transform = eval_transform(loaded.cfg)
+    transform = loaded.transform
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -349,13 +344,34 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             image=image, masks=np.zeros((0, h, w), np.uint8), labels=np.zeros(0, np.int64),
             image_id=0, file_name=path.name, crowd_masks=np.zeros((0, h, w), np.uint8),
         )
-        batch = collate([transform(record, rng)])
-        with torch.inference_mode():
-            (inst,) = loaded.model(batch.images.to(device), batch.image_sizes, orig_sizes=batch.orig_sizes)
-        inst = inst.to("cpu")
+        (inst,) = loaded.predict(collate([transform(record, rng)]))
         dest = save_visualization(image, inst, class_names, out / f"{path.stem}.png", score_thresh=args.score_thresh)
         shown = int((inst.scores >= args.score_thresh).sum())
         print(f"{path} -> {dest} ({shown} instances with score >= {args.score_thresh})")
+    return 0
+
+
+def _load_predictor(args: argparse.Namespace):
+    """The model ``uniinst predict`` runs: the checkpoint in PyTorch, or an exported program."""
+    if args.backend == "eager":
+        return _load_inference_model(args)
+    if args.config or args.overrides:
+        raise ValueError(
+            f"--backend {args.backend} runs the exported program as it was exported: "
+            "give --config and overrides to uniinst export instead"
+        )
+    from uniinst.engine.exported_model import ExportedModel
+
+    return ExportedModel(args.checkpoint, backend=args.backend)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from uniinst.engine.export import export_model
+
+    args.device = "cpu"
+    loaded = _load_inference_model(args)
+    dest = export_model(loaded, args.out, fmt=args.format)
+    print(f"exported {args.checkpoint} as {args.format}: {dest} ({dest.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 
@@ -470,6 +486,14 @@ def build_parser() -> argparse.ArgumentParser:
     cw.add_argument("overrides", nargs="*", help="dotted config overrides")
     cw.set_defaults(func=_cmd_convert_weights)
 
+    x = sub.add_parser("export", help="the NMS-free model as one ONNX or TorchScript program (docs/models.md)")
+    x.add_argument("--checkpoint", required=True, help="model checkpoint (.pt)")
+    x.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    x.add_argument("--out", required=True, help="the file to write, e.g. model.onnx")
+    x.add_argument("--config", help="config (default: the one stored in the checkpoint)")
+    x.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.inference.score_thresh=0.05")
+    x.set_defaults(func=_cmd_export)
+
     e = sub.add_parser("evaluate", help="COCO mask AP of a checkpoint, or of an existing results file")
     e.add_argument("--checkpoint", help="model checkpoint (.pt)")
     e.add_argument("--config", help="config (default: the one stored in the checkpoint)")
@@ -497,7 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
         "inputs", nargs="+", metavar="IMAGE_OR_OVERRIDE",
         help="image files, then any dotted config overrides, e.g. model.inference.score_thresh=0.2",
     )
-    r.add_argument("--checkpoint", required=True)
+    r.add_argument("--checkpoint", required=True, help="a checkpoint (.pt), or with --backend an exported file")
+    r.add_argument("--backend", choices=["eager", "onnx", "torchscript"], default="eager",
+                   help="eager: the checkpoint in PyTorch; onnx, torchscript: a file from uniinst export")
     r.add_argument("--config", help="config (default: the one stored in the checkpoint)")
     r.add_argument("--out", required=True, help="output folder for the PNGs")
     r.add_argument("--score-thresh", type=float, default=0.3)
@@ -507,8 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# The optional dependencies of the "ray" extra: shards, object storage, Ray Train/Data/Tune.
-_RAY_EXTRA = {"ray", "pyarrow", "fsspec", "s3fs", "aiobotocore", "optuna"}
+# The extra that provides each optional dependency: "ray" for shards, object storage and Ray
+# Train/Data/Tune; "export" for ONNX export and ONNX Runtime.
+_EXTRAS = {
+    **dict.fromkeys(("ray", "pyarrow", "fsspec", "s3fs", "aiobotocore", "optuna"), "ray"),
+    **dict.fromkeys(("onnx", "onnxscript", "onnxruntime"), "export"),
+}
 # Errors that the input (arguments, configs, files, data) causes: one line, exit code 2.
 _INPUT_ERRORS = (ValueError, OSError)
 
@@ -535,9 +565,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] not in _RAY_EXTRA:
+        extra = _EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
             return _crash(args.command, redact)
-        message = f"this needs the 'ray' extra ({exc}): pip install 'uniinst[ray]'"
+        message = f"this needs the '{extra}' extra ({exc}): pip install 'uniinst[{extra}]'"
     except _INPUT_ERRORS as exc:
         message = str(exc) or type(exc).__name__
     except KeyboardInterrupt:

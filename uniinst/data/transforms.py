@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from uniinst.config import ExperimentConfig
 from uniinst.data.coco import CocoRecord
 from uniinst.structures import Sample
 
@@ -95,6 +96,12 @@ class EvalTransform:
         h, w = record.image.shape[:2]
         size = self.resize.get_size(h, w, rng)
         return _to_sample(resize_image(record.image, size), resize_masks(record.masks, size), record)
+
+
+def eval_transform(cfg: ExperimentConfig) -> EvalTransform:
+    """The evaluation input of the experiment ``cfg`` (its ``data.min_size_test`` and
+    ``data.max_size_test``)."""
+    return EvalTransform(short_edge=cfg.data.min_size_test, max_size=cfg.data.max_size_test)
 
 
 def _to_sample(image: np.ndarray, masks: np.ndarray, record: CocoRecord) -> Sample:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,18 +106,15 @@ def load_initial_weights(
     one): its weights only, not its optimiser, schedule or iteration. Where the class counts
     differ, the classification layer keeps its own initialisation; returns the keys so
     skipped, and with ``announce`` logs what it did. Any other difference is an error naming
-    the key."""
+    the key. A detectron2 MSRA ImageNet backbone (``.pkl``) fills the backbone's trunk only."""
     source = redact_uri(checkpoint)
-    if "://" in checkpoint:
-        from uniinst.data.storage import download_file
-
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / "weights.pt"
-            if not download_file(checkpoint, local, endpoint_url=endpoint_url):
-                raise FileNotFoundError(f"model.weights: {source} does not exist")
-            state = load_checkpoint(local)
-    else:
-        state = load_checkpoint(checkpoint)
+    with _local_copy(checkpoint, endpoint_url=endpoint_url) as local:
+        if checkpoint.endswith(".pkl"):
+            _load_msra_trunk(model, local, source)
+            if announce:
+                logger.info("backbone trunk initialised from %s (MSRA ImageNet weights); FPN and heads start afresh", source)
+            return []
+        state = load_checkpoint(local)
     _check_backbone_style(state, model, source)
     weights, own = model_weights(state, source), model.state_dict()
     skipped = [k for k in CLASSIFIER_KEYS if k in weights and k in own and weights[k].shape != own[k].shape]
@@ -129,6 +127,38 @@ def load_initial_weights(
             weights[skipped[0]].shape[0], own[skipped[0]].shape[0], ", ".join(skipped),
         )
     return skipped
+
+
+@contextlib.contextmanager
+def _local_copy(path_or_uri: str, *, endpoint_url: str | None) -> Iterator[Path]:
+    """``path_or_uri`` as a local file: itself, or a download that lasts the ``with`` block."""
+    if "://" not in path_or_uri:
+        yield Path(path_or_uri)
+        return
+    from uniinst.data.storage import download_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / Path(path_or_uri).name
+        if not download_file(path_or_uri, local, endpoint_url=endpoint_url):
+            raise FileNotFoundError(f"model.weights: {redact_uri(path_or_uri)} does not exist")
+        yield local
+
+
+def _load_msra_trunk(model: nn.Module, path: Path, source: str) -> None:
+    """The trunk of ``model``'s backbone from a detectron2 MSRA ``.pkl``: caffe-style weights,
+    so only a caffe-style backbone takes them."""
+    from uniinst.engine.msra_weights import msra_trunk_state, read_msra_blobs
+
+    backbone = getattr(model, "backbone", None)
+    if getattr(backbone, "style", None) != "caffe":
+        raise ValueError(f"model.weights: {source} is a caffe-style MSRA backbone: set model.backbone.style=caffe")
+    trunk = msra_trunk_state(read_msra_blobs(path), source)
+    # BatchNorm layers that are not frozen count their batches; the MSRA file has no such count.
+    own = {k: v for k, v in backbone.state_dict().items() if k.endswith("num_batches_tracked")}
+    try:
+        backbone.load_torchvision_trunk({**{k.removeprefix("stem."): v for k, v in own.items()}, **trunk})
+    except (ValueError, RuntimeError) as exc:
+        raise ValueError(f"model.weights: {source} does not fit the backbone: {exc}") from exc
 
 
 def _check_backbone_style(state: Any, model: nn.Module, source: str) -> None:

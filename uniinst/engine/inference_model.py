@@ -1,6 +1,6 @@
-"""A checkpoint made ready for inference, written once: ``uniinst evaluate`` and ``predict``, the
-reproduction suite's scoring, the distributed evaluation's replicas and the quickstart's
-drawings all take their model from here."""
+"""A checkpoint made ready for inference, and a batch run through a model, each written once:
+``uniinst evaluate``, ``predict`` and ``export``, the reproduction suite's scoring, the
+distributed evaluation's replicas and the quickstart's drawings all take them from here."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from typing import Any
 import torch
 
 from uniinst.config import ExperimentConfig, config_from_dict, load_config
+from uniinst.data.transforms import EvalTransform, eval_transform
 from uniinst.engine.checkpoint import load_checkpoint, load_model_weights, model_weights
 from uniinst.modeling.uniinst import build_model
+from uniinst.structures import Batch, Instances
 
 # The weights come from the checkpoint: building the model must not fetch ImageNet ones.
 _NO_PRETRAINED = "model.backbone.pretrained=false"
@@ -32,6 +34,24 @@ class InferenceModel:
     def label_names(self) -> list[str]:
         """What to call each label in a drawing: its class name, else its number."""
         return self.class_names or [str(i) for i in range(self.cfg.model.num_classes)]
+
+    @property
+    def transform(self) -> EvalTransform:
+        """The input transform the model was evaluated with."""
+        return eval_transform(self.cfg)
+
+    def predict(self, batch: Batch) -> list[Instances]:
+        """:func:`run_batch` with this model."""
+        return run_batch(self.model, batch)
+
+
+@torch.inference_mode()
+def run_batch(model: torch.nn.Module, batch: Batch) -> list[Instances]:
+    """The instances ``model`` (in eval mode) finds in each image of ``batch``, at the images'
+    original sizes, on the CPU."""
+    device = next(model.parameters()).device
+    outputs = model(batch.images.to(device), batch.image_sizes, orig_sizes=batch.orig_sizes)
+    return [instances.to("cpu") for instances in outputs]
 
 
 def inference_model(

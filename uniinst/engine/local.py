@@ -21,7 +21,7 @@ from uniinst.config import (
 from uniinst.data.coco import CocoDataset
 from uniinst.data.dataset import InstanceSegDataset, build_train_loader
 from uniinst.data.synthetic import generate_synthetic_coco
-from uniinst.data.transforms import EvalTransform, TrainTransform
+from uniinst.data.transforms import TrainTransform, eval_transform
 from uniinst.engine.checkpoint import (
     checkpoint_name,
     list_checkpoints,
@@ -113,10 +113,6 @@ def _load_split(split: DatasetConfig, d: DataConfig, name: str) -> DataSplit:
 
 def _num_images(dataset: DataSplit) -> int:
     return len(dataset) if isinstance(dataset, CocoDataset) else dataset.num_images
-
-
-def eval_transform(cfg: ExperimentConfig) -> EvalTransform:
-    return EvalTransform(short_edge=cfg.data.min_size_test, max_size=cfg.data.max_size_test)
 
 
 def train_local(cfg: ExperimentConfig, *, resume: bool = True) -> TrainResult:
@@ -232,7 +228,7 @@ class _LocalHooks:
         model, cfg = self.trainer.model, self.cfg
         if isinstance(self.val_set, CocoDataset):
             metrics = evaluate_model(
-                model, self.val_set, eval_dir, transform=eval_transform(cfg), device=self.device, extra=extra,
+                model, self.val_set, eval_dir, transform=eval_transform(cfg), extra=extra,
                 class_names=self.trainer.meta["class_names"],
             )
         else:

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset, Subset
 from uniinst.data.coco import CocoDataset
 from uniinst.data.dataset import InstanceSegDataset, build_eval_loader
 from uniinst.data.transforms import EvalTransform
+from uniinst.engine.inference_model import run_batch
 from uniinst.evaluation.categories import label_to_category_ids
 from uniinst.evaluation.coco_eval import evaluate_segm, write_report
 from uniinst.evaluation.coco_results import instances_to_coco_results, save_results
@@ -32,7 +33,6 @@ def predict_dataset(
     dataset: CocoDataset,
     *,
     transform: EvalTransform,
-    device: torch.device,
     batch_size: int = 1,
     num_workers: int = 0,
     indices: Sequence[int] | None = None,
@@ -61,9 +61,8 @@ def predict_dataset(
     results: list[dict] = []
     done, t0 = 0, time.perf_counter()
     for batch in loader:
-        outputs = model(batch.images.to(device), batch.image_sizes, orig_sizes=batch.orig_sizes)
-        for image_id, inst in zip(batch.image_ids, outputs):
-            results.extend(instances_to_coco_results(inst.to("cpu"), image_id, label_to_cat))
+        for image_id, inst in zip(batch.image_ids, run_batch(model, batch)):
+            results.extend(instances_to_coco_results(inst, image_id, label_to_cat))
         done += len(batch)
         if log_every and done % log_every < len(batch):
             logger.info("inference %d/%d images (%.1f img/s)", done, total, done / (time.perf_counter() - t0))
@@ -77,7 +76,6 @@ def evaluate_model(
     out_dir: str | Path,
     *,
     transform: EvalTransform,
-    device: torch.device,
     batch_size: int = 1,
     num_workers: int = 0,
     extra: dict | None = None,
@@ -88,7 +86,7 @@ def evaluate_model(
     with pycocotools (segm) and write ``results.json``, ``metrics.json`` and ``metrics.md``
     into ``out_dir``."""
     results = predict_dataset(
-        model, dataset, transform=transform, device=device, batch_size=batch_size, num_workers=num_workers,
+        model, dataset, transform=transform, batch_size=batch_size, num_workers=num_workers,
         class_names=class_names, label_map=label_map,
     )
     out_dir = Path(out_dir)

@@ -17,7 +17,8 @@ def compute_locations(
 ) -> Tensor:
     """``[H·W, 2]`` (x, y) positions ``(j·stride + stride//2, i·stride + stride//2)`` of the
     cells of an ``H × W`` map, row-major (row ``i`` outer, column ``j`` inner)."""
-    shifts_x = torch.arange(0, width * stride, step=stride, dtype=torch.int64, device=device)
-    shifts_y = torch.arange(0, height * stride, step=stride, dtype=torch.int64, device=device)
-    ys, xs = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
-    return (torch.stack((xs.reshape(-1), ys.reshape(-1)), dim=1) + stride // 2).to(dtype)
+    # Row and column from the flat index, not a meshgrid: reshaping a broadcast grid makes an
+    # exported program branch on maps of one row or column.
+    index = torch.arange(height * width, dtype=torch.int64, device=device)
+    rows = index // width
+    return (torch.stack((index - rows * width, rows), dim=1) * stride + stride // 2).to(dtype)

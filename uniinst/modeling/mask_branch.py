@@ -42,13 +42,8 @@ class MaskBranch(nn.Module):
         if len(features) < 3:
             raise ValueError(f"MaskBranch: needs at least P3, P4, P5, got {len(features)} feature maps")
         x = self.refine[0](features[0])
-        h, w = x.shape[-2:]
-        for refine, feature in zip(self.refine[1:], features[1:3]):
-            y = refine(feature)
-            factor = h // y.shape[-2]
-            if factor * y.shape[-2] != h or factor * y.shape[-1] != w:
-                raise ValueError(
-                    f"MaskBranch: level of size {tuple(y.shape[-2:])} is not an integer downscale of P3 {(h, w)}"
-                )
-            x = x + aligned_bilinear(y, factor)
+        # P4 and P5 are P3 downscaled by 2 and 4 (the input is padded to a multiple of 32), so
+        # the factors are constants: an exported program keeps them at any input size.
+        for factor, refine, feature in zip((2, 4), self.refine[1:], features[1:3]):
+            x = x + aligned_bilinear(refine(feature), factor)
         return self.predictor(self.tower(x))

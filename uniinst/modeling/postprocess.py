@@ -16,26 +16,25 @@ _PASTE_CHUNK_ELEMENTS_CPU = 1 << 22
 _PASTE_CHUNK_ELEMENTS = 1 << 26
 
 
-def select_top_locations(
+def top_candidates(
     scores: list[Tensor],
     *,
     topk_per_level: int = 100,
-    score_thresh: float = 0.025,
     max_detections: int = 100,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Pick the highest (location, class) scores of one image.
+    """The ``max_detections`` best (location, class) pairs of one image, always that many.
 
-    ``scores[l]`` is ``[N_l, K]`` for level ``l``. Per level, the ``topk_per_level`` best
-    (location, class) pairs above ``score_thresh`` are kept; across levels the best
-    ``max_detections`` of those. Returns ``(loc_idx, labels, scores)``, each ``[n]`` and sorted
-    by descending score, where ``loc_idx`` indexes the concatenation of all levels' locations.
+    ``scores[l]`` is ``[N_l, K]`` for level ``l``. Per level, the ``topk_per_level`` best pairs;
+    across levels the best ``max_detections`` of those. Returns ``(loc_idx, labels, scores)``,
+    each ``[max_detections]`` and sorted by descending score, where ``loc_idx`` indexes the
+    concatenation of all levels' locations. Where a level (or the image) has fewer pairs, the
+    missing slots score -1 at location 0.
 
-    Every top-k has a size fixed by the input shapes and the threshold only masks the final
-    top-k (any score above it outranks every score below it), so the program exports without
-    data-dependent branches.
+    Every top-k has a size fixed by its arguments, not the input, so the same code runs in the
+    exported program at any image size.
     """
     if len(scores) == 0:
-        raise ValueError("select_top_locations needs at least one level of scores")
+        raise ValueError("top_candidates needs at least one level of scores")
     num_classes = scores[0].shape[-1]
     for level, s in enumerate(scores):
         if s.dim() != 2 or s.shape[1] != num_classes:
@@ -44,19 +43,37 @@ def select_top_locations(
     cand_scores, cand_flat = [], []
     offset = 0
     for s in scores:
-        flat = s.reshape(-1)
-        k = min(topk_per_level, flat.numel())
-        top, idx = flat.topk(k)
+        numel = s.shape[0] * num_classes
+        # Padding with -1 keeps topk_per_level slots at any map size; a padded slot's index is
+        # clamped onto the level's last real pair (its score of -1 marks it).
+        flat = torch.cat([s.reshape(-1), s.new_full((topk_per_level,), -1.0)])
+        top, idx = flat.topk(topk_per_level)
         cand_scores.append(top)
-        cand_flat.append(idx + offset * num_classes)
+        cand_flat.append(idx.clamp(max=numel - 1) + offset * num_classes)
         offset += s.shape[0]
+    cand_scores.append(scores[0].new_full((max_detections,), -1.0))
+    cand_flat.append(torch.zeros(max_detections, dtype=cand_flat[0].dtype, device=cand_flat[0].device))
     all_scores = torch.cat(cand_scores)
     all_flat = torch.cat(cand_flat)
-    top, order = all_scores.topk(min(max_detections, all_scores.numel()))
+    top, order = all_scores.topk(max_detections)
     flat = all_flat[order]
-    keep = top > score_thresh
-    top, flat = top[keep], flat[keep]
     return flat // num_classes, flat % num_classes, top
+
+
+def select_top_locations(
+    scores: list[Tensor],
+    *,
+    topk_per_level: int = 100,
+    score_thresh: float = 0.025,
+    max_detections: int = 100,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`top_candidates` scoring above ``score_thresh``: ``(loc_idx, labels, scores)``,
+    each ``[n]`` with ``n <= max_detections``, sorted by descending score. Any score above the
+    threshold outranks every score below it, so thresholding the final top-k equals
+    thresholding first."""
+    loc_idx, labels, top = top_candidates(scores, topk_per_level=topk_per_level, max_detections=max_detections)
+    keep = top > score_thresh
+    return loc_idx[keep], labels[keep], top[keep]
 
 
 def paste_masks(
@@ -93,12 +110,19 @@ def paste_masks(
     # A same-size bilinear resize (align_corners=False) is the identity, so it is skipped.
     resize = (img_h, img_w) != (out_h, out_w)
     for start in range(0, n, chunk):
-        probs = mask_logits[start : start + chunk, None].float().sigmoid()
-        probs = aligned_bilinear(probs, mask_out_stride)[:, :, :img_h, :img_w]
+        probs = mask_probabilities(mask_logits[start : start + chunk], mask_out_stride, (img_h, img_w))
         if resize:
             probs = F.interpolate(probs, size=(out_h, out_w), mode="bilinear", align_corners=False)
         out[start : start + chunk] = probs[:, 0] > threshold
     return out
+
+
+def mask_probabilities(mask_logits: Tensor, mask_out_stride: int, image_size: tuple[int, int]) -> Tensor:
+    """Mask probabilities ``[n, 1, h, w]`` over the resized image ``image_size`` (h, w) from
+    stride-``mask_out_stride`` logits ``[n, h', w']`` over its padding: sigmoid, then
+    ``aligned_bilinear``, then the crop."""
+    probs = aligned_bilinear(mask_logits[:, None].float().sigmoid(), mask_out_stride)
+    return probs[:, :, : image_size[0], : image_size[1]]
 
 
 def masks_to_boxes(masks: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from uniinst.modeling.head import UniInstHead
 from uniinst.modeling.locations import compute_locations
 from uniinst.modeling.mask_branch import MaskBranch
 from uniinst.modeling.nms import mask_nms, matrix_nms
-from uniinst.modeling.postprocess import masks_to_boxes, paste_masks, select_top_locations
+from uniinst.modeling.postprocess import masks_to_boxes, paste_masks, top_candidates
 from uniinst.structures import Instances, Targets
 
 
@@ -80,12 +80,16 @@ class UniInst(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1), False)
 
-    def normalize(self, images: Tensor, image_sizes: Sequence[tuple[int, int]]) -> Tensor:
+    def standardize(self, images: Tensor) -> Tensor:
         """RGB images (as every data path gives them) in the backbone's channel order, less the
-        pixel mean, over the pixel std, and zero in the padding."""
+        pixel mean, over the pixel std."""
         if self.input_format == "BGR":
             images = images.flip(1)
-        x = (images.float() - self.pixel_mean) / self.pixel_std
+        return (images.float() - self.pixel_mean) / self.pixel_std
+
+    def normalize(self, images: Tensor, image_sizes: Sequence[tuple[int, int]]) -> Tensor:
+        """:meth:`standardize` and zero in the padding."""
+        x = self.standardize(images)
         _, _, H, W = x.shape
         rows = torch.arange(H, device=x.device).view(1, H, 1)
         cols = torch.arange(W, device=x.device).view(1, 1, W)
@@ -95,9 +99,13 @@ class UniInst(nn.Module):
         return x * valid.unsqueeze(1)
 
     def features(self, images: Tensor, image_sizes: Sequence[tuple[int, int]]) -> tuple[FlatOutputs, Tensor, list[int]]:
-        """Backbone, head and mask branch: the flattened per-location outputs, the mask
-        features at stride 8 and the number of locations of each level."""
-        feats = self.backbone(self.normalize(images, image_sizes))
+        """Backbone, head and mask branch on the padded uint8 ``images``: see :meth:`dense_outputs`."""
+        return self.dense_outputs(self.normalize(images, image_sizes))
+
+    def dense_outputs(self, x: Tensor) -> tuple[FlatOutputs, Tensor, list[int]]:
+        """Backbone, head and mask branch on normalised input ``x``: the flattened per-location
+        outputs, the mask features at stride 8 and the number of locations of each level."""
+        feats = self.backbone(x)
         head = self.head(feats)
         mask_feats = self.mask_branch(feats)
         locations, levels, strides, sizes = [], [], [], []
@@ -141,6 +149,25 @@ class UniInst(nn.Module):
                 s = s * out.iou_preds.float().clamp(0.0, 1.0).unsqueeze(-1)
         return s
 
+    def candidates(
+        self, scores: Tensor, out: FlatOutputs, mask_feats: Tensor, level_sizes: list[int], b: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The ``max_detections`` best (location, class) pairs of image ``b`` by its ``scores``
+        ``[N, K]`` (:func:`top_candidates`, a fixed number whatever the score): their labels,
+        scores and mask logits ``[max_detections, h, w]`` at the mask output
+        stride over the padded input."""
+        loc_idx, labels, top = top_candidates(
+            list(scores.split(level_sizes)), topk_per_level=self.topk_per_level, max_detections=self.max_detections
+        )
+        logits = self.mask_head(
+            mask_feats,
+            out.controllers[b, loc_idx],
+            out.locations[loc_idx],
+            out.levels[loc_idx],
+            torch.full_like(loc_idx, b),
+        )
+        return labels, top, logits
+
     @torch.no_grad()
     def postprocess(
         self,
@@ -153,21 +180,11 @@ class UniInst(nn.Module):
         scores = self.scores(out)
         results = []
         for b in range(scores.shape[0]):
-            loc_idx, labels, kept_scores = select_top_locations(
-                list(scores[b].split(level_sizes)),
-                topk_per_level=self.topk_per_level,
-                score_thresh=self.score_thresh,
-                max_detections=self.max_detections,
-            )
-            logits = self.mask_head(
-                mask_feats,
-                out.controllers[b, loc_idx],
-                out.locations[loc_idx],
-                out.levels[loc_idx],
-                torch.full_like(loc_idx, b),
-            )
+            labels, kept_scores, logits = self.candidates(scores[b], out, mask_feats, level_sizes, b)
+            keep = kept_scores > self.score_thresh
+            labels, kept_scores = labels[keep], kept_scores[keep]
             masks = paste_masks(
-                logits.float(),
+                logits[keep].float(),
                 image_size=tuple(image_sizes[b]),
                 orig_size=tuple(orig_sizes[b]),
                 mask_out_stride=self.mask_head.mask_out_stride,

@@ -34,7 +34,7 @@ from uniinst.engine.checkpoint import load_checkpoint
 from uniinst.evaluation.categories import label_to_category_ids
 from uniinst.evaluation.coco_eval import evaluate_segm, write_report
 from uniinst.evaluation.coco_results import instances_to_coco_results, save_results
-from uniinst.engine.inference_model import inference_model
+from uniinst.engine.inference_model import inference_model, run_batch
 from uniinst.ray.data import read_shards, shard_errors_for_ray, shard_errors_unwrapped
 
 logger = logging.getLogger(__name__)
@@ -162,12 +162,11 @@ class ShardEvalSet:
         return sum(1 for a in self.gt["annotations"] if not a["iscrowd"] and (cats is None or a["category_id"] in cats))
 
     def predict(
-        self, model: torch.nn.Module, *, device: torch.device, transform: EvalTransform,
-        image_ids: Sequence[int] | None = None,
+        self, model: torch.nn.Module, *, transform: EvalTransform, image_ids: Sequence[int] | None = None,
     ) -> list[dict]:
         """COCO results of ``model`` on ``image_ids`` (default: every evaluated image)."""
         return predict_shards_here(
-            model, self.uri, self.image_ids if image_ids is None else image_ids, device=device, transform=transform,
+            model, self.uri, self.image_ids if image_ids is None else image_ids, transform=transform,
             label_to_cat=self.label_to_cat, manifest=self.manifest, category_ids=self.category_ids,
             endpoint_url=self.endpoint_url,
         )
@@ -197,10 +196,8 @@ class ShardPredictor:
     ) -> None:
         # The checkpoint travels through the object store (wrapped in a list so Ray does not
         # resolve it early), so the replicas need no shared filesystem.
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        loaded = inference_model(ray.get(state[0]), source="the checkpoint", device=self.device)
-        self.model, cfg = loaded.model, loaded.cfg
-        self.transform = EvalTransform(short_edge=cfg.data.min_size_test, max_size=cfg.data.max_size_test)
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = inference_model(ray.get(state[0]), source="the checkpoint", device=device)
         self.label_to_cat = list(label_to_cat)
         self.category_ids = None if category_ids is None else set(category_ids)
         self.shard_names = list(shard_names)
@@ -209,10 +206,9 @@ class ShardPredictor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         with shard_errors_for_ray():
             out = predict_rows(
-                self.model,
+                self.model.model,
                 batch.to_pylist(),
-                device=self.device,
-                transform=self.transform,
+                transform=self.model.transform,
                 label_to_cat=self.label_to_cat,
                 category_ids=self.category_ids,
                 shard_names=self.shard_names,
@@ -228,7 +224,6 @@ def predict_rows(
     model: torch.nn.Module,
     rows: Sequence[Mapping[str, Any]],
     *,
-    device: torch.device,
     transform: EvalTransform,
     label_to_cat: Sequence[int],
     category_ids: Collection[int] | None,
@@ -248,11 +243,10 @@ def predict_rows(
             decode_row({**row, "annotations": []}, {}, where=f"shard {shard_names[row['shard']]}") for row in chunk
         ]
         batch_in = collate([transform(record, rng) for record in records])
-        outputs = model(batch_in.images.to(device), batch_in.image_sizes, orig_sizes=batch_in.orig_sizes)
-        for image_id, instances in zip(batch_in.image_ids, outputs):
+        for image_id, instances in zip(batch_in.image_ids, run_batch(model, batch_in)):
             results = [
                 r
-                for r in instances_to_coco_results(instances.to("cpu"), image_id, label_to_cat)
+                for r in instances_to_coco_results(instances, image_id, label_to_cat)
                 if category_ids is None or r["category_id"] in category_ids
             ]
             out.append((int(image_id), results))
@@ -336,7 +330,6 @@ def predict_shards_here(
     uri: str,
     image_ids: Sequence[int],
     *,
-    device: torch.device,
     transform: EvalTransform,
     label_to_cat: Sequence[int],
     manifest: Manifest,
@@ -356,7 +349,7 @@ def predict_shards_here(
     with shard_errors_unwrapped():
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for image_id, found in predict_rows(
-                model, block.to_pylist(), device=device, transform=transform, label_to_cat=label_to_cat,
+                model, block.to_pylist(), transform=transform, label_to_cat=label_to_cat,
                 category_ids=category_ids, shard_names=names, batch_size=batch_size,
             ):
                 seen += 1

@@ -42,7 +42,7 @@ from uniinst.config import DatasetConfig, ExperimentConfig, config_from_dict, to
 from uniinst.data.prepare import prepare_dataset
 from uniinst.data.storage import absolute, arrow_filesystem_for, download_file, exists, join, upload_file
 from uniinst.data.synthetic import generate_synthetic_coco
-from uniinst.engine.local import eval_transform
+from uniinst.data.transforms import eval_transform
 from uniinst.evaluation.uniqueness import duplicates_per_instance
 from uniinst.engine.inference_model import inference_model
 from uniinst.ray.evaluate import ShardEvalSet
@@ -127,7 +127,7 @@ def score_run(
     for split_name, split in splits.items():
         data = ShardEvalSet(split, num_classes=cfg.model.num_classes, class_names=names, endpoint_url=endpoint_url)
         for nms, model in models.items():
-            results = data.predict(model, device=device, transform=transform)
+            results = data.predict(model, transform=transform)
             metrics = data.score(results)
             rows.append({
                 "split": split_name, "nms": nms,

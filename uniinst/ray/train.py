@@ -88,7 +88,8 @@ from uniinst.engine.checkpoint import (
     set_rng_state,
 )
 from uniinst.engine.inference_model import inference_model
-from uniinst.engine.local import eval_transform, load_datasets
+from uniinst.data.transforms import eval_transform
+from uniinst.engine.local import load_datasets
 from uniinst.engine.metrics import MetricsWriter
 from uniinst.engine.trainer import Trainer, format_progress
 from uniinst.evaluation.coco_eval import evaluate_segm, format_table, write_report
@@ -372,14 +373,14 @@ class _Evaluator:
             self.dataset = CocoDataset(val.json, val.images, on_error=cfg.data.on_error)
             self.image_ids = list(self.dataset.image_ids)
 
-    def __call__(self, model: torch.nn.Module, device: torch.device, out_dir: Path, extra: dict) -> dict[str, float] | None:
+    def __call__(self, model: torch.nn.Module, out_dir: Path, extra: dict) -> dict[str, float] | None:
         mine = list(range(self.rank, len(self.image_ids), self.world))
         if self.shards is not None:
             results = self.shards.predict(
-                model, device=device, transform=self.transform, image_ids=[self.image_ids[i] for i in mine]
+                model, transform=self.transform, image_ids=[self.image_ids[i] for i in mine]
             )
         else:
-            results = predict_dataset(model, self.dataset, transform=self.transform, device=device, indices=mine)
+            results = predict_dataset(model, self.dataset, transform=self.transform, indices=mine)
         if self.world > 1:
             gathered: list[Any] = [None] * self.world
             dist.all_gather_object(gathered, results)
@@ -508,7 +509,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Every rank takes part and then reports, not only rank 0 that gets the metrics.
         evaluated = True
         out_dir = files.staging / "eval" / f"iter_{it:07d}" if files is not None else Path(tempfile.gettempdir())
-        metrics = evaluator(model, device, out_dir, {"iteration": it})
+        metrics = evaluator(model, out_dir, {"iteration": it})
         if metrics is None:
             return
         latest_val.update({f"val/{k}": v for k, v in metrics.items()})
@@ -601,10 +602,8 @@ def draw_shard_predictions(
 
     state = load_run_checkpoint(checkpoint, endpoint_url=endpoint_url, map_location=device)
     loaded = inference_model(state, source=redact_uri(checkpoint), device=device)
-    model, cfg, class_names = loaded.model, loaded.cfg, loaded.label_names
-    shards = shards or cfg.data.val.shards
+    shards = shards or loaded.cfg.data.val.shards
     manifest = read_manifest(shards, endpoint_url=endpoint_url)
-    transform = eval_transform(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -616,11 +615,9 @@ def draw_shard_predictions(
             if drawn >= num_images:
                 return drawn
             record = decode_row(row, manifest.cat_id_to_contiguous, where=f"shard {redact_uri(uri)}")
-            batch = collate([transform(record, rng)])
-            with torch.inference_mode():
-                (instances,) = model(batch.images.to(device), batch.image_sizes, orig_sizes=batch.orig_sizes)
+            (instances,) = loaded.predict(collate([loaded.transform(record, rng)]))
             save_visualization(
-                record.image, instances.to("cpu"), class_names, out_dir / f"{record.image_id}.png",
+                record.image, instances, loaded.label_names, out_dir / f"{record.image_id}.png",
                 min_side=DRAWING_MIN_SIDE,
             )
             drawn += 1
