@@ -45,6 +45,18 @@ def test_another_class_count_starts_only_the_classifier_afresh(four_class_checkp
     assert all(torch.equal(v, source[k]) for k, v in same.state_dict().items())
 
 
+def test_weights_come_from_object_storage_too(four_class_checkpoint, s3_bucket, s3_server):
+    from uniinst.data.storage import upload_file
+
+    path, source = four_class_checkpoint
+    upload_file(path, f"{s3_bucket}/runs/four.pt", endpoint_url=s3_server)
+    model = _model("model.num_classes=4")
+    assert load_initial_weights(model, f"{s3_bucket}/runs/four.pt", endpoint_url=s3_server, announce=False) == []
+    assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items())
+    with pytest.raises(FileNotFoundError, match=r"model\.weights: s3://.*/runs/gone\.pt does not exist"):
+        load_initial_weights(model, f"{s3_bucket}/runs/gone.pt", endpoint_url=s3_server)
+
+
 def test_weights_of_another_architecture_are_an_error_naming_a_key(four_class_checkpoint):
     path, _ = four_class_checkpoint
     with pytest.raises(ValueError, match=r"four\.pt does not fit the configured model: .*first: "):

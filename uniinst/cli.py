@@ -196,7 +196,6 @@ def _cmd_convert_weights(args: argparse.Namespace) -> int:
     weights, ignored = convert_state_dict(
         model_weights(source, args.source), model.state_dict(), source_name=str(args.source)
     )
-    model.load_state_dict(weights)
     coco = cfg.model.num_classes == len(COCO_CLASS_NAMES)
     state = {
         "model": weights,
