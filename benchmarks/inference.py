@@ -39,9 +39,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.models.detection import maskrcnn_resnet50_fpn
-
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.detection import maskrcnn_resnet50_fpn
 
 from uniinst.config import load_config
 from uniinst.data.synthetic import generate_synthetic_coco
@@ -224,7 +223,9 @@ def main() -> None:
     precision = "fp16 autocast" if args.amp else "fp32"
     print(f"input {height}x{width}, batch 1, {device}, {precision}, threads {args.threads}, torch {torch.__version__}")
     print(f"{'model':<30}{'median ms':>11}{'min ms':>9}{'max ms':>9}{'detections':>12}{'GFLOP':>8}{'GFLOP/s':>9}")
-    labels = {"uniinst": "UniInst R-50-FPN", "maskrcnn": "Mask R-CNN R-50-FPN", "uniinst_onnx": "UniInst R-50-FPN, ONNX RT"}
+    labels = {
+        "uniinst": "UniInst R-50-FPN", "maskrcnn": "Mask R-CNN R-50-FPN", "uniinst_onnx": "UniInst R-50-FPN, ONNX RT",
+    }
     for name, t in times.items():
         gflop = flops[name] / 1e9
         print(

@@ -77,12 +77,12 @@ def test_a_command_that_needs_an_extra_says_how_to_install_it(tmp_path):
     ckpt = save_checkpoint({"model": build_model(cfg.model).state_dict(), "config": to_dict(cfg)}, tmp_path / "m.pt")
     image = tmp_path / "in.png"
     Image.new("RGB", (64, 48)).save(image)
-    (tmp_path / "any.onnx").write_bytes(b"")
+    (tmp_path / "a.onnx").write_bytes(b"")
     commands = [
         ["prepare", "--json", str(tmp_path / "a.json"), "--images", str(tmp_path), "--out", str(tmp_path / "o")],
-        ["evaluate", "--shards", str(tmp_path / "shards"), "--checkpoint", str(tmp_path / "m.pt"), "--out", str(tmp_path)],
+        ["evaluate", "--shards", str(tmp_path / "shards"), "--checkpoint", str(ckpt), "--out", str(tmp_path)],
         ["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "m.onnx")],
-        ["predict", str(image), "--checkpoint", str(tmp_path / "any.onnx"), "--backend", "onnx", "--out", str(tmp_path)],
+        ["predict", str(image), "--checkpoint", str(tmp_path / "a.onnx"), "--backend", "onnx", "--out", str(tmp_path)],
     ]
     codes, _, stderr = _run_without_extra(tmp_path, commands)
     assert codes == [2, 2, 2, 2]

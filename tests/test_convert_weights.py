@@ -12,9 +12,11 @@ from conftest import CONFIGS, REPO
 from uniinst.cli import main
 from uniinst.config import load_config
 from uniinst.engine.adelaidet_weights import convert_state_dict, target_key
+from uniinst.engine.exported_model import ExportedModel
 from uniinst.engine.inference_model import load_model_for_inference
 from uniinst.evaluation.categories import COCO_CLASS_NAMES
 from uniinst.modeling.uniinst import build_model
+from uniinst.structures import Batch
 
 KEYS = REPO / "tests" / "data" / "adelaidet_uniinst_r50" / "keys.json"
 AUTHORS = ["model.backbone.style=caffe", "model.backbone.pretrained=false"]
@@ -89,6 +91,16 @@ def test_convert_weights_writes_a_checkpoint_that_predicts_as_the_weights_loaded
     assert len(got) == len(expected) > 0
     torch.testing.assert_close(got.scores, expected.scores)
     assert torch.equal(got.labels, expected.labels) and torch.equal(got.masks, expected.masks)
+
+    # Export takes the converted checkpoint as it is: its caffe-style (BGR) input included.
+    exported = tmp_path / "converted.ts"
+    assert main(["export", "--checkpoint", str(out), "--format", "torchscript", "--out", str(exported)]) == 0
+    program = ExportedModel(exported, backend="torchscript")
+    assert program.label_names == list(COCO_CLASS_NAMES)
+    (from_file,) = program.predict(Batch(images=images, image_sizes=[(96, 128)], orig_sizes=[(96, 128)],
+                                         image_ids=[0], targets=[]))
+    assert torch.equal(from_file.labels, expected.labels) and torch.equal(from_file.masks, expected.masks)
+    torch.testing.assert_close(from_file.scores, expected.scores, atol=1e-4, rtol=0)
 
 
 def test_convert_weights_refuses_a_leftover_key_in_one_line(tmp_path, capsys):

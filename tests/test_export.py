@@ -54,8 +54,8 @@ def _batch(image: torch.Tensor):
     from uniinst.structures import Sample
 
     h, w = image.shape[-2:]
-    sample = Sample(image=image, masks=torch.zeros((0, h, w), dtype=torch.uint8), labels=torch.zeros(0, dtype=torch.long),
-                    image_id=0, orig_size=(h, w))
+    sample = Sample(image=image, masks=torch.zeros((0, h, w), dtype=torch.uint8),
+                    labels=torch.zeros(0, dtype=torch.long), image_id=0, orig_size=(h, w))
     return collate([sample])
 
 
@@ -90,7 +90,8 @@ def test_predict_runs_the_onnx_file_and_draws_the_images(trained, synth_data, tm
 
 def test_export_refuses_nms_and_predict_refuses_a_file_it_cannot_run(trained, tmp_path, capsys):
     ckpt, files = trained
-    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.onnx"), "model.inference.nms=mask"]) == 2
+    refused = ["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.onnx"), "model.inference.nms=mask"]
+    assert main(refused) == 2
     assert "only NMS-free inference exports" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
     broken = tmp_path / "broken.onnx"
@@ -100,7 +101,8 @@ def test_export_refuses_nms_and_predict_refuses_a_file_it_cannot_run(trained, tm
 
     Image.new("RGB", (64, 48)).save(image)
     for path, backend in [(broken, "onnx"), (files["onnx"], "torchscript")]:
-        assert main(["predict", str(image), "--checkpoint", str(path), "--backend", backend, "--out", str(tmp_path / "o")]) == 2
+        args = ["predict", str(image), "--checkpoint", str(path), "--backend", backend, "--out", str(tmp_path / "o")]
+        assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(path) in err[0]
     assert main(["predict", str(image), "--checkpoint", str(files["onnx"]), "--backend", "onnx", "--out",
@@ -118,8 +120,9 @@ def test_masks_of_a_resized_image_come_back_at_its_size_close_to_eager(trained, 
     rng = np.random.default_rng(0)
     ious = []
     for image in _val_images(synth_data, [(64, 64), (64, 64)]):
-        record = CocoRecord(image=image.permute(1, 2, 0).numpy(), masks=np.zeros((0, 64, 64), np.uint8),
-                            labels=np.zeros(0, np.int64), image_id=0, file_name="x", crowd_masks=np.zeros((0, 64, 64), np.uint8))
+        none = np.zeros((0, 64, 64), np.uint8)
+        record = CocoRecord(image=image.permute(1, 2, 0).numpy(), masks=none, labels=np.zeros(0, np.int64),
+                            image_id=0, file_name="x", crowd_masks=none)
         batch = collate([exported.transform(record, rng)])
         assert batch.image_sizes[0] == (128, 128)
         (want,), (got,) = run_batch(eager.model, batch), exported.predict(batch)

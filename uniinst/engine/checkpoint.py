@@ -112,7 +112,9 @@ def load_initial_weights(
         if checkpoint.endswith(".pkl"):
             _load_msra_trunk(model, local, source)
             if announce:
-                logger.info("backbone trunk initialised from %s (MSRA ImageNet weights); FPN and heads start afresh", source)
+                logger.info(
+                    "backbone trunk initialised from %s (MSRA ImageNet weights); FPN and heads start afresh", source
+                )
             return []
         state = load_checkpoint(local)
     _check_backbone_style(state, model, source)

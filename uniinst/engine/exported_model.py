@@ -59,7 +59,8 @@ class ExportedModel:
             masks, scores, labels = self.program(image[:, :h, :w])
             keep = scores > 0
             masks = _resize_masks(masks[keep], tuple(orig))
-            results.append(Instances(masks=masks, scores=scores[keep], labels=labels[keep], boxes=masks_to_boxes(masks)))
+            boxes = masks_to_boxes(masks)
+            results.append(Instances(masks=masks, scores=scores[keep], labels=labels[keep], boxes=boxes))
         return results
 
 

@@ -26,16 +26,16 @@ from pycocotools.coco import COCO
 from uniinst.config import DatasetConfig, config_from_dict
 from uniinst.data.collate import collate
 from uniinst.data.prepare import read_image_ids
-from uniinst.redact import redact_uri
 from uniinst.data.shards import Manifest, decode_row, read_manifest, shard_uris
 from uniinst.data.storage import filesystem_for
 from uniinst.data.transforms import EvalTransform
 from uniinst.engine.checkpoint import load_checkpoint
+from uniinst.engine.inference_model import inference_model, run_batch
 from uniinst.evaluation.categories import label_to_category_ids
 from uniinst.evaluation.coco_eval import evaluate_segm, write_report
 from uniinst.evaluation.coco_results import instances_to_coco_results, save_results
-from uniinst.engine.inference_model import inference_model, run_batch
 from uniinst.ray.data import read_shards, shard_errors_for_ray, shard_errors_unwrapped
+from uniinst.redact import redact_uri
 
 logger = logging.getLogger(__name__)
 
