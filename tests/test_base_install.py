@@ -62,7 +62,7 @@ def test_synth_train_evaluate_predict_need_no_extra(tmp_path):
         ["synth", "--out", str(data), "--train", "4", "--val", "2", "--size", "96"],
         train,
         ["evaluate", "--checkpoint", ckpt, "--out", str(tmp_path / "eval")],
-        ["predict", str(data / "val" / "000001.jpg"), "--checkpoint", ckpt, "--out", str(tmp_path / "png")],
+        ["predict", str(data / "val" / "000001.jpg"), "--checkpoint", ckpt, "--out", str(tmp_path / "png"), "--draw"],
         ["export", "--checkpoint", ckpt, "--format", "torchscript", "--out", str(tmp_path / "m.ts")],
     ]
     codes, loaded, stderr = _run_without_extra(tmp_path, commands)

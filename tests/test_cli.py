@@ -80,11 +80,13 @@ def test_train_then_evaluate_and_predict(synth_data, tmp_path, capsys):
     Image.fromarray(np.full((70, 90, 3), 128, np.uint8)).save(img)
     out = tmp_path / "png"
     assert main(["predict", str(img), str(sorted((synth_data / "val").glob("*.jpg"))[0]), "--checkpoint", str(ckpt),
-                 "--out", str(out), "--score-thresh", "0.0"]) == 0
+                 "--out", str(out), "--score-thresh", "0.0", "--draw"]) == 0
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 2
     with Image.open(out / "in.png") as im:
         assert im.size == (90, 70)
+    first = json.loads((out / "predictions.jsonl").read_text().splitlines()[0])
+    assert first["file"] == str(img) and (first["height"], first["width"]) == (70, 90)
 
 
 def test_predict_names_an_unreadable_image(tmp_path, capsys):

@@ -67,7 +67,9 @@ def test_predict_takes_overrides_positionally(trained, synth_data, tmp_path, cap
     image = str(sorted((synth_data / "val").glob("*.jpg"))[0])
     common = ["--checkpoint", str(trained), "--out", str(tmp_path / "png"), "--score-thresh", "0"]
     assert main(["predict", image, *common, "model.inference.score_thresh=0", "model.inference.max_detections=1"]) == 0
-    assert "(1 instances with score >= 0.0)" in capsys.readouterr().out
+    assert "1 of 1 images predicted, 1 instances" in capsys.readouterr().out
+    (line,) = (tmp_path / "png" / "predictions.jsonl").read_text().splitlines()
+    assert len(json.loads(line)["instances"]) == 1
     assert main(["predict", image, *common, "model.inference.score_thresh=1.5"]) == 2
     assert "model.inference.score_thresh" in _error_line(capsys)
 
@@ -181,6 +183,6 @@ def test_predict_applies_the_exif_orientation(trained, tmp_path):
     exif[0x0112] = 6  # "rotate 90 CW to view": a portrait photo stored landscape
     src = tmp_path / "portrait.jpg"
     Image.fromarray(stored).save(src, exif=exif.tobytes())
-    assert main(["predict", str(src), "--checkpoint", str(trained), "--out", str(tmp_path / "png")]) == 0
+    assert main(["predict", str(src), "--checkpoint", str(trained), "--out", str(tmp_path / "png"), "--draw"]) == 0
     with Image.open(tmp_path / "png" / "portrait.png") as drawn:
         assert drawn.size == (70, 90)

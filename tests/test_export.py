@@ -83,9 +83,9 @@ def test_predict_runs_the_onnx_file_and_draws_the_images(trained, synth_data, tm
     images = sorted((synth_data / "val").glob("*.jpg"))[:2]
     out = tmp_path / "png"
     assert main(["predict", *map(str, images), "--checkpoint", str(files["onnx"]), "--backend", "onnx",
-                 "--out", str(out), "--score-thresh", "0.0"]) == 0
+                 "--out", str(out), "--score-thresh", "0.0", "--draw"]) == 0
     assert sorted(p.stem for p in out.glob("*.png")) == sorted(p.stem for p in images)
-    assert capsys.readouterr().out.count("instances with score >= 0.0") == 2
+    assert "2 of 2 images predicted" in capsys.readouterr().out
 
 
 def test_export_refuses_nms_and_predict_refuses_a_file_it_cannot_run(trained, tmp_path, capsys):

@@ -12,8 +12,6 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-from PIL import Image, ImageOps
 
 from uniinst.redact import Redactor, credentials_in, redact_uri
 from uniinst.reproduce.suite import SuiteConfig, load_suite, variant_names
@@ -187,7 +185,7 @@ def _cmd_convert_weights(args: argparse.Namespace) -> int:
     from uniinst.config import load_config, to_dict
     from uniinst.engine.adelaidet_weights import convert_state_dict
     from uniinst.engine.checkpoint import load_checkpoint, model_weights, save_checkpoint
-    from uniinst.evaluation.categories import COCO_CLASS_NAMES
+    from uniinst.evaluation.categories import COCO_CATEGORY_IDS, COCO_CLASS_NAMES
     from uniinst.modeling.uniinst import build_model
 
     cfg = load_config(args.config, [*_AUTHORS_BACKBONE, *args.overrides])
@@ -201,7 +199,7 @@ def _cmd_convert_weights(args: argparse.Namespace) -> int:
         "model": weights,
         "config": to_dict(cfg),
         "iteration": int(source.get("iteration", 0)),
-        "meta": {"class_names": list(COCO_CLASS_NAMES)} if coco else {},
+        "meta": {"class_names": list(COCO_CLASS_NAMES), "category_ids": list(COCO_CATEGORY_IDS)} if coco else {},
     }
     save_checkpoint(state, args.out)
     print(
@@ -313,52 +311,54 @@ def split_overrides(tokens: Sequence[str]) -> tuple[list[str], list[str]]:
     return [t for t in tokens if t not in overrides], overrides
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """An image file as uint8 RGB, turned as its EXIF orientation says (as a viewer shows it)."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from exc
-
-
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from uniinst.data.coco import CocoRecord
-    from uniinst.data.collate import collate
-    from uniinst.visualize import save_visualization
+    from uniinst.engine.batch_prediction import Destination, format_summary, list_images, predict_images
 
-    paths, args.overrides = split_overrides(args.inputs)
-    if not paths:
-        raise SystemExit("uniinst predict: name at least one image")
-    loaded = _load_predictor(args)
-    class_names = args.class_names.split(",") if args.class_names else loaded.label_names
-    transform = loaded.transform
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for path in map(Path, paths):
-        image = read_rgb(path)
-        h, w = image.shape[:2]
-        record = CocoRecord(
-            image=image, masks=np.zeros((0, h, w), np.uint8), labels=np.zeros(0, np.int64),
-            image_id=0, file_name=path.name, crowd_masks=np.zeros((0, h, w), np.uint8),
+    inputs, args.overrides = split_overrides(args.inputs)
+    if not inputs:
+        raise SystemExit("uniinst predict: name at least one image, folder, glob or prefix")
+    files = list_images(inputs, endpoint_url=args.endpoint_url)
+    dest = Destination(args.out, endpoint_url=args.endpoint_url)
+    draw = args.score_thresh if args.draw else None
+    if args.ray:
+        from uniinst.ray.predict import predict_images_ray
+
+        _check_predictor_options(args)
+        summary = predict_images_ray(
+            args.checkpoint, files, dest, backend=args.backend, replicas=args.replicas, draw_thresh=draw,
+            endpoint_url=args.endpoint_url, class_names=_class_names(args), overrides=args.overrides,
         )
-        (inst,) = loaded.predict(collate([transform(record, rng)]))
-        dest = save_visualization(image, inst, class_names, out / f"{path.stem}.png", score_thresh=args.score_thresh)
-        shown = int((inst.scores >= args.score_thresh).sum())
-        print(f"{path} -> {dest} ({shown} instances with score >= {args.score_thresh})")
-    return 0
+    else:
+        loaded = _load_predictor(args)
+        if args.class_names:
+            loaded.class_names = _class_names(args)
+        summary = predict_images(loaded, files, dest, endpoint_url=args.endpoint_url, draw_thresh=draw)
+    for bad in summary["unreadable"]:
+        print(f"uniinst predict: skipped: {bad['error']}", file=sys.stderr)
+    print(format_summary(summary, args.out))
+    # Nothing at all to show for the job is an input error; some unreadable images are not.
+    return 2 if summary["images"] and not summary["predicted"] else 0
 
 
-def _load_predictor(args: argparse.Namespace):
-    """The model ``uniinst predict`` runs: the checkpoint in PyTorch, or an exported program."""
-    if args.backend == "eager":
-        return _load_inference_model(args)
-    if args.config or args.overrides:
+def _class_names(args: argparse.Namespace) -> list[str] | None:
+    return args.class_names.split(",") if args.class_names else None
+
+
+def _check_predictor_options(args: argparse.Namespace) -> None:
+    if args.backend != "eager" and (args.config or args.overrides):
         raise ValueError(
             f"--backend {args.backend} runs the exported program as it was exported: "
             "give --config and overrides to uniinst export instead"
         )
+    if args.ray and args.config:
+        raise ValueError("--ray runs the checkpoint with its stored config (and the overrides): drop --config")
+
+
+def _load_predictor(args: argparse.Namespace):
+    """The model ``uniinst predict`` runs: the checkpoint in PyTorch, or an exported program."""
+    _check_predictor_options(args)
+    if args.backend == "eager":
+        return _load_inference_model(args)
     from uniinst.engine.exported_model import ExportedModel
 
     return ExportedModel(args.checkpoint, backend=args.backend)
@@ -515,19 +515,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="dotted config overrides")
     e.set_defaults(func=_cmd_evaluate)
 
-    r = sub.add_parser("predict", help="draw predicted masks on images as PNG files")
+    r = sub.add_parser(
+        "predict", help="predictions.jsonl (and with --draw PNGs) for images, folders, globs or a URI prefix"
+    )
     r.add_argument(
-        "inputs", nargs="+", metavar="IMAGE_OR_OVERRIDE",
-        help="image files, then any dotted config overrides, e.g. model.inference.score_thresh=0.2",
+        "inputs", nargs="+", metavar="IMAGES_OR_OVERRIDE",
+        help="image files, folders, globs or URI prefixes (s3://bucket/images/), then any dotted config "
+        "overrides, e.g. model.inference.score_thresh=0.2",
     )
     r.add_argument("--checkpoint", required=True, help="a checkpoint (.pt), or with --backend an exported file")
     r.add_argument("--backend", choices=["eager", "onnx", "torchscript"], default="eager",
                    help="eager: the checkpoint in PyTorch; onnx, torchscript: a file from uniinst export")
     r.add_argument("--config", help="config (default: the one stored in the checkpoint)")
-    r.add_argument("--out", required=True, help="output folder for the PNGs")
-    r.add_argument("--score-thresh", type=float, default=0.3)
+    r.add_argument("--out", required=True, help="output folder or URI: predictions.jsonl, summary.json, PNGs")
+    r.add_argument("--draw", action="store_true", help="also draw each image's instances as a PNG")
+    r.add_argument("--score-thresh", type=float, default=0.3, help="the lowest score drawn (with --draw)")
     r.add_argument("--class-names", help="comma-separated class names (default: from the checkpoint)")
     r.add_argument("--device", default="auto")
+    r.add_argument("--ray", action="store_true", help="a Ray Data job with --replicas model replicas (docs/data.md)")
+    r.add_argument("--replicas", type=int, default=1, help="model replicas of the --ray job (a GPU each where there are)")
+    r.add_argument("--endpoint-url", help="S3-compatible endpoint (credentials come from the environment)")
     r.set_defaults(func=_cmd_predict)
     return p
 

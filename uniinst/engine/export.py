@@ -65,7 +65,9 @@ def export_model(loaded: InferenceModel, out: str | Path, *, fmt: str) -> Path:
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
     program = NmsFreeProgram(loaded.model.cpu()).eval()
-    metadata = json.dumps({"config": to_dict(loaded.cfg), "class_names": loaded.class_names})
+    metadata = json.dumps(
+        {"config": to_dict(loaded.cfg), "class_names": loaded.class_names, "category_ids": loaded.stored_category_ids}
+    )
     example = torch.zeros((3, *_EXAMPLE_SIZE), dtype=torch.uint8)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

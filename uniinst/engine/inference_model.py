@@ -23,17 +23,23 @@ _NO_PRETRAINED = "model.backbone.pretrained=false"
 
 @dataclass
 class InferenceModel:
-    """A model in eval mode, its config and the class names of its labels (None when the
-    checkpoint has none)."""
+    """A model in eval mode, its config, and the class names and dataset category ids of its
+    labels (None when the checkpoint has none)."""
 
     model: torch.nn.Module
     cfg: ExperimentConfig
     class_names: list[str] | None
+    stored_category_ids: list[int] | None = None
 
     @property
     def label_names(self) -> list[str]:
         """What to call each label in a drawing: its class name, else its number."""
         return self.class_names or [str(i) for i in range(self.cfg.model.num_classes)]
+
+    @property
+    def category_ids(self) -> list[int]:
+        """The category id of each label: the training data's, else label + 1."""
+        return label_category_ids(self.stored_category_ids, self.cfg.model.num_classes)
 
     @property
     def transform(self) -> EvalTransform:
@@ -78,8 +84,15 @@ def inference_model(
     load_model_weights(model, weights, source)
     model.eval()
     meta = state.get("meta", {}) if isinstance(state, Mapping) else {}
-    names = meta.get("class_names") if isinstance(meta, Mapping) else None
-    return InferenceModel(model, cfg, list(names) if names else None)
+    meta = meta if isinstance(meta, Mapping) else {}
+    names, ids = meta.get("class_names"), meta.get("category_ids")
+    return InferenceModel(model, cfg, list(names) if names else None, list(ids) if ids else None)
+
+
+def label_category_ids(stored: Sequence[int] | None, num_classes: int) -> list[int]:
+    """``stored`` (the category ids a checkpoint records for its labels) or, for one that
+    records none, the ids 1..K of a dataset numbered from 1."""
+    return list(stored) if stored else list(range(1, num_classes + 1))
 
 
 def load_model_for_inference(

@@ -137,7 +137,7 @@ def train_local(cfg: ExperimentConfig, *, resume: bool = True) -> TrainResult:
         load_initial_weights(model, cfg.model.weights, endpoint_url=cfg.data.endpoint_url or None)
     cfg = with_synthetic_data(cfg)
     train_set, val_set = load_datasets(cfg)
-    trainer = Trainer(model, cfg, device=device, meta={"class_names": train_set.class_names})
+    trainer = Trainer(model, cfg, device=device, meta={"class_names": train_set.class_names, "category_ids": train_set.contiguous_to_cat_id})
     if state is not None:
         trainer.load_state_dict(state, source=str(existing[-1]))
         logger.info("resumed from %s at iteration %d", existing[-1], trainer.iteration)

@@ -24,6 +24,11 @@ COCO_CLASS_NAMES: tuple[str, ...] = (
     "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
     "teddy bear", "hair drier", "toothbrush",
 )
+# Their category ids in COCO's annotation files (1 to 90, with the gaps of the 2014 paper's
+# 91-class list).
+COCO_CATEGORY_IDS: tuple[int, ...] = (
+    *range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70, *range(72, 83), *range(84, 91),
+)
 
 
 def _shown(names: Sequence[object], limit: int = 5) -> str:

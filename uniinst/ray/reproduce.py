@@ -43,8 +43,8 @@ from uniinst.data.prepare import prepare_dataset
 from uniinst.data.storage import absolute, arrow_filesystem_for, download_file, exists, join, upload_file
 from uniinst.data.synthetic import generate_synthetic_coco
 from uniinst.data.transforms import eval_transform
-from uniinst.evaluation.uniqueness import duplicates_per_instance
 from uniinst.engine.inference_model import inference_model
+from uniinst.evaluation.uniqueness import duplicates_per_instance
 from uniinst.ray.evaluate import ShardEvalSet
 from uniinst.ray.prepare import connect, ray_executor
 from uniinst.ray.train import load_run_checkpoint, prepare_run_data, train_ray

@@ -77,7 +77,7 @@ from uniinst.data.storage import (
     upload_file,
 )
 from uniinst.data.synthetic import generate_synthetic_coco
-from uniinst.data.transforms import TrainTransform
+from uniinst.data.transforms import TrainTransform, eval_transform
 from uniinst.engine.checkpoint import (
     load_checkpoint,
     load_initial_weights,
@@ -88,7 +88,6 @@ from uniinst.engine.checkpoint import (
     set_rng_state,
 )
 from uniinst.engine.inference_model import inference_model
-from uniinst.data.transforms import eval_transform
 from uniinst.engine.local import load_datasets
 from uniinst.engine.metrics import MetricsWriter
 from uniinst.engine.trainer import Trainer, format_progress
@@ -97,11 +96,11 @@ from uniinst.evaluation.coco_results import save_results
 from uniinst.evaluation.inference import predict_dataset
 from uniinst.modeling.sync_batchnorm import convert_sync_batchnorm, sync_batchnorm_parts
 from uniinst.modeling.uniinst import build_model
-from uniinst.redact import redact_uri
 from uniinst.ray.data import iter_train_batches
-from uniinst.ray.input_errors import EndAtInputError, fit_raising_input_errors
 from uniinst.ray.evaluate import ShardEvalSet
+from uniinst.ray.input_errors import EndAtInputError, fit_raising_input_errors
 from uniinst.ray.prepare import connect, ray_executor
+from uniinst.redact import redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -198,8 +197,9 @@ class RayTrainResult:
 
 def prepare_run_data(
     cfg: ExperimentConfig, folder: str, endpoint_url: str | None = None
-) -> tuple[ExperimentConfig, list[str]]:
-    """Check the datasets; return the config to train with and the class names. With
+) -> tuple[ExperimentConfig, dict[str, list]]:
+    """Check the datasets; return the config to train with and what the checkpoints record
+    of the training data (``class_names`` and ``category_ids``, label by label). With
     ``data.synthetic`` the synthetic set is generated here and converted to shards in
     ``<folder>/data`` (reused when there), so that workers on any node can read it, and the
     returned config points at them."""
@@ -227,7 +227,7 @@ def prepare_run_data(
             values.update({f"data.{split}.json": "", f"data.{split}.images": "", f"data.{split}.shards": uris[split]})
         cfg = apply_values(cfg, values)
     train, _ = load_datasets(cfg)
-    return cfg, list(train.class_names)
+    return cfg, {"class_names": list(train.class_names), "category_ids": list(train.contiguous_to_cat_id)}
 
 
 def _check_resume(cfg: ExperimentConfig, run: RunLocation) -> str | None:
@@ -267,7 +267,7 @@ def train_ray(cfg: ExperimentConfig, *, resume: bool = True, callbacks: list | N
     if resumed is None and cfg.model.weights:
         # Checked (and said) here, so that weights that do not fit fail before any worker starts.
         load_initial_weights(_random_model(cfg), cfg.model.weights, endpoint_url=cfg.data.endpoint_url or None)
-    cfg, class_names = prepare_run_data(cfg, run.uri, run.endpoint_url)
+    cfg, meta = prepare_run_data(cfg, run.uri, run.endpoint_url)
     with tempfile.TemporaryDirectory() as tmp:
         upload_file(dump_config(cfg, Path(tmp) / "config.yaml"), join(run.uri, "config.yaml"), endpoint_url=run.endpoint_url)
     logger.info(
@@ -277,7 +277,7 @@ def train_ray(cfg: ExperimentConfig, *, resume: bool = True, callbacks: list | N
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "run_uri": run.uri, "class_names": class_names},
+        train_loop_config={"config": to_dict(cfg), "run_uri": run.uri, "meta": meta},
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=run.name,
@@ -462,7 +462,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
     trainer = Trainer(
         model, cfg, device=device, world_size=world, forward_model=forward_model,
-        meta={"class_names": config["class_names"]},
+        meta=config["meta"],
     )
     position, latest_val = _restore(trainer, checkpoint, rank, device) if checkpoint is not None else (0, {})
     first_iteration = trainer.iteration
@@ -476,7 +476,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "training %s on %d worker(s) (%s): global batch %d, lr %.4g, %d iterations",
             cfg.name, world, device.type, trainer.global_batch, trainer.base_lr, cfg.solver.max_iter,
         )
-    evaluator = _Evaluator(cfg, config["class_names"], rank, world) if (cfg.data.val.json or cfg.data.val.shards) else None
+    evaluator = _Evaluator(cfg, config["meta"]["class_names"], rank, world) if (cfg.data.val.json or cfg.data.val.shards) else None
     batches = _train_batches(cfg, rank=rank, world=world, start_position=position)
 
     pending: dict[str, float] = {}
