@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from uniinst.config import ExperimentConfig, config_from_dict
-from uniinst.data.transforms import EvalTransform, eval_transform
 from uniinst.engine.export import INPUT_NAME, METADATA_KEY
-from uniinst.engine.inference_model import label_category_ids
+from uniinst.engine.inference_model import ModelLabels
 from uniinst.modeling.postprocess import masks_to_boxes
 from uniinst.structures import Batch, Instances
 
@@ -25,7 +24,7 @@ Program = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
 BACKENDS = ("onnx", "torchscript")
 
 
-class ExportedModel:
+class ExportedModel(ModelLabels):
     """The program in ``path`` (written by ``uniinst export`` as ``backend``) on the CPU, or
     with ONNX Runtime on a GPU where its CUDA provider is installed."""
 
@@ -44,18 +43,6 @@ class ExportedModel:
             raise ValueError(f"{path} holds no uniinst metadata ({exc}): was it written by uniinst export?") from exc
         self.class_names: list[str] | None = meta.get("class_names")
         self.stored_category_ids: list[int] | None = meta.get("category_ids")
-
-    @property
-    def label_names(self) -> list[str]:
-        return self.class_names or [str(i) for i in range(self.cfg.model.num_classes)]
-
-    @property
-    def category_ids(self) -> list[int]:
-        return label_category_ids(self.stored_category_ids, self.cfg.model.num_classes)
-
-    @property
-    def transform(self) -> EvalTransform:
-        return eval_transform(self.cfg)
 
     def predict(self, batch: Batch) -> list[Instances]:
         """The instances of each image of ``batch``, one program call per image, at the

@@ -21,15 +21,14 @@ from uniinst.structures import Batch, Instances
 _NO_PRETRAINED = "model.backbone.pretrained=false"
 
 
-@dataclass
-class InferenceModel:
-    """A model in eval mode, its config, and the class names and dataset category ids of its
-    labels (None when the checkpoint has none)."""
+class ModelLabels:
+    """What a model for inference tells from its ``cfg``, ``class_names`` and
+    ``stored_category_ids``: its label names, category ids and input transform (a checkpoint's
+    model and an exported program alike)."""
 
-    model: torch.nn.Module
     cfg: ExperimentConfig
     class_names: list[str] | None
-    stored_category_ids: list[int] | None = None
+    stored_category_ids: list[int] | None
 
     @property
     def label_names(self) -> list[str]:
@@ -45,6 +44,17 @@ class InferenceModel:
     def transform(self) -> EvalTransform:
         """The input transform the model was evaluated with."""
         return eval_transform(self.cfg)
+
+
+@dataclass
+class InferenceModel(ModelLabels):
+    """A model in eval mode, its config, and the class names and dataset category ids of its
+    labels (None when the checkpoint has none)."""
+
+    model: torch.nn.Module
+    cfg: ExperimentConfig
+    class_names: list[str] | None
+    stored_category_ids: list[int] | None = None
 
     def predict(self, batch: Batch) -> list[Instances]:
         """:func:`run_batch` with this model."""
