@@ -4,7 +4,7 @@ plain torch DataLoader over the JSON reader, and how long a training step waits 
 All three produce the same kind of training batches (read, decode, resize of the shortest
 edge to ``--short-edge``, random flip, stride-4 mask targets, padding):
 
-- ``stream_s3``: :func:`uniinst.ray.data.iter_train_batches` over shards on an S3 endpoint
+- ``stream_s3``: :class:`uniinst.ray.train_stream.TrainStream` over shards on an S3 endpoint
   (moto's server, started here on loopback; the dataset is converted straight into it);
 - ``stream_local``: the same stream over the same shards in a local folder;
 - ``dataloader``: ``InstanceSegDataset`` + ``build_train_loader`` over the COCO JSON and the
@@ -50,7 +50,7 @@ from uniinst.data.synthetic import generate_synthetic_coco
 from uniinst.data.transforms import TrainTransform
 from uniinst.engine.trainer import Trainer
 from uniinst.modeling.uniinst import build_model
-from uniinst.ray.data import iter_train_batches
+from uniinst.ray.train_stream import TrainStream
 from uniinst.structures import Batch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -162,7 +162,7 @@ def main() -> None:
             results: dict[str, dict] = {}
 
             def stream(uri: str, **kwargs) -> Iterator[Batch]:
-                return iter_train_batches(uri, batch_size=args.batch_size, transform=transform, **kwargs)
+                return TrainStream(uri, batch_size=args.batch_size, transform=transform, **kwargs)
 
             for key, batches in (
                 ("stream_s3", lambda: stream(s3_uri, endpoint_url=endpoint)),
@@ -189,7 +189,7 @@ def main() -> None:
                 trainer = Trainer(model, cfg, device=device)
                 d = cfg.data
                 small = TrainTransform(short_edge=tuple(d.min_size_train), max_size=d.max_size_train, flip_prob=d.flip_prob)
-                it = iter_train_batches(s3_uri, batch_size=d.batch_size, transform=small, endpoint_url=endpoint)
+                it = TrainStream(s3_uri, batch_size=d.batch_size, transform=small, endpoint_url=endpoint)
                 wait = {
                     **data_wait(it, trainer, warmup=2, steps=args.steps),
                     "steps": args.steps,

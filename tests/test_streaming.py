@@ -21,8 +21,9 @@ from uniinst.cli import main
 from uniinst.data.coco import CocoDataset
 from uniinst.data.collate import collate
 from uniinst.data.prepare import prepare_dataset, serial_executor
-from uniinst.data.shards import ShardError, decode_row, read_manifest, shard_uris
+from uniinst.data.shards import ShardError, decode_row, read_manifest
 from uniinst.data.storage import filesystem_for
+from uniinst.data.stream_plan import StreamPosition
 from uniinst.data.transforms import EvalTransform, TrainTransform
 from uniinst.engine.checkpoint import checkpoint_name, load_checkpoint
 from uniinst.engine.local import train_local
@@ -99,18 +100,6 @@ def test_stream_collate_equals_collate():
     )
 
 
-def test_shuffle_buffer_is_a_bounded_reproducible_permutation():
-    from uniinst.ray.data import shuffle_buffer
-
-    items = list(range(50))
-    out = list(shuffle_buffer(items, 8, np.random.default_rng(3)))
-    assert sorted(out) == items and out != items
-    assert out == list(shuffle_buffer(items, 8, np.random.default_rng(3)))
-    # An item leaves the buffer at most 7 places before its turn.
-    assert all(position >= item - 7 for position, item in enumerate(out))
-    assert list(shuffle_buffer(items, 1, np.random.default_rng(3))) == items
-
-
 def test_label_to_category_matches_names_or_requires_the_same_classes():
     from uniinst.data.shards import Manifest
     from uniinst.ray.evaluate import label_to_category
@@ -174,11 +163,11 @@ def test_coco_tiny_rows_from_s3_decode_to_the_json_readers_records(ray_local, s3
 
 @needs_coco_tiny
 def test_coco_tiny_streams_from_s3_as_the_json_reader_batches(ray_local, s3_server, coco_tiny_s3):
-    from uniinst.ray.data import iter_train_batches
+    from uniinst.ray.train_stream import TrainStream
 
     uri, _, reader, subset = coco_tiny_s3
     transform = EvalTransform(short_edge=96, max_size=160)
-    stream = iter_train_batches(
+    stream = TrainStream(
         uri, batch_size=4, transform=transform, endpoint_url=s3_server, shuffle_files=False, shuffle_buffer_size=0
     )
     batches = _take(stream, 4)
@@ -203,10 +192,10 @@ def synth_shards(synth_data, tmp_path_factory):
 
 
 def _synth_stream(uri, seed, **kwargs):
-    from uniinst.ray.data import iter_train_batches
+    from uniinst.ray.train_stream import TrainStream
 
     transform = TrainTransform(short_edge=(48, 64), max_size=64, flip_prob=0.5)
-    return iter_train_batches(str(uri), batch_size=2, transform=transform, seed=seed, shuffle_buffer_size=3, **kwargs)
+    return TrainStream(str(uri), batch_size=2, transform=transform, seed=seed, shuffle_buffer_size=3, **kwargs)
 
 
 def test_epochs_reshuffle_reproducibly_and_resume_exactly(ray_local, synth_shards):
@@ -230,13 +219,16 @@ def test_epochs_reshuffle_reproducibly_and_resume_exactly(ray_local, synth_shard
         _assert_batches_equal(a, b)
 
 
-def test_ranks_split_the_global_stream_of_one_process(ray_local, synth_shards):
-    from uniinst.ray.data import iter_train_batches
+def test_image_split_ranks_take_the_global_stream_of_one_process(ray_local, synth_shards):
+    from uniinst.ray.train_stream import TrainStream
 
     uri, world = str(synth_shards / "train"), 3
-    kw = dict(transform=TrainTransform(short_edge=(48, 64), max_size=64, flip_prob=0.5), seed=5, shuffle_buffer_size=3)
-    one = _take(iter_train_batches(uri, batch_size=world, **kw), 4)  # 12 images: an epoch and a half
-    ranks = [_take(iter_train_batches(uri, batch_size=1, rank=r, world_size=world, **kw), 4) for r in range(world)]
+    kw = dict(
+        transform=TrainTransform(short_edge=(48, 64), max_size=64, flip_prob=0.5), seed=5, shuffle_buffer_size=3,
+        split="images",
+    )
+    one = _take(TrainStream(uri, batch_size=world, **kw), 4)  # 12 images: an epoch and a half
+    ranks = [_take(TrainStream(uri, batch_size=1, rank=r, world_size=world, **kw), 4) for r in range(world)]
     for k, batch in enumerate(one):
         parts = [ranks[r][k] for r in range(world)]
         assert batch.image_ids == [p.image_ids[0] for p in parts]
@@ -247,30 +239,47 @@ def test_ranks_split_the_global_stream_of_one_process(ray_local, synth_shards):
     epoch0 = [i for b in one for i in b.image_ids][:8]
     assert len(set(epoch0)) == 8  # no image reaches two ranks within an epoch
 
-    resumed = _take(iter_train_batches(uri, batch_size=1, rank=1, world_size=world, start_iter=2, **kw), 2)
+    resumed = _take(TrainStream(uri, batch_size=1, rank=1, world_size=world, start_iter=2, **kw), 2)
     for a, b in zip(resumed, ranks[1][2:]):
         _assert_batches_equal(a, b)
+    # A checkpoint's position taken with 3 ranks, continued by one process.
+    state = TrainStream(uri, batch_size=1, world_size=world, **kw).state_after(2)
+    assert state == {"split": "images", "images": 6}
+    rest = _take(TrainStream(uri, batch_size=1, resume=state, **kw), 2)
+    assert [b.image_ids[0] for b in rest] == [i for b in one for i in b.image_ids][6:8]
 
 
-def test_stream_over_a_dataset_and_a_data_iterator(ray_local, synth_shards):
-    from uniinst.ray.data import DecodeStep, decode_rows, iter_train_batches, read_shards
+def test_shard_split_ranks_train_on_their_own_pieces_and_resume_at_another_size(ray_local, synth_shards):
+    from uniinst.ray.train_stream import TrainStream
 
-    uri = str(synth_shards / "train")
-    transform = TrainTransform(short_edge=(48,), max_size=64)
-    ds, manifest = read_shards(uri)
-    from_dataset = _take(iter_train_batches(ds, batch_size=2, transform=transform, manifest=manifest, shuffle_buffer_size=0), 8)
-    from_uri = _take(iter_train_batches(uri, batch_size=2, transform=transform, shuffle_files=False, shuffle_buffer_size=0), 8)
-    for a, b in zip(from_dataset, from_uri):
-        _assert_batches_equal(a, b)
+    uri = str(synth_shards / "train")  # 8 images in 4 shards of 2
+    kw = dict(transform=TrainTransform(short_edge=(48, 64), max_size=64, flip_prob=0.5), seed=5, shuffle_buffer_size=3)
+    streams = [TrainStream(uri, batch_size=1, rank=r, world_size=2, **kw) for r in range(2)]
+    plan = streams[0].plan
+    position = plan.start(StreamPosition(), 2)
+    ranks = [_take(s, 6) for s in streams]  # an epoch and a half of 4 images a rank
+    for r, batches in enumerate(ranks):
+        part = plan.rank_epoch(position, r)
+        assert [b.image_ids[0] for b in batches[:4]] == part.order
+        assert len(part.shards) == 2  # the 2 shards of its 4 images, not all 4
+    epoch0 = [b.image_ids[0] for r in range(2) for b in ranks[r][:4]]
+    assert sorted(epoch0) == sorted(plan.epoch_images(0))  # every image once
 
-    # A Ray Train dataset shard: the decoding pipeline is built once and each epoch re-runs
-    # it, its augmentation drawn for the epoch Ray's execution count gives.
-    fresh, _ = read_shards(uri)
-    step = DecodeStep(transform, manifest.cat_id_to_contiguous, shard_uris(uri, manifest), epoch=None)
-    iterator = decode_rows(fresh, step).iterator()
-    from_iterator = _take(iter_train_batches(iterator, batch_size=2, shuffle_buffer_size=0, expected_rows=8), 8)
-    for a, b in zip(from_iterator, from_uri):
-        _assert_batches_equal(a, b)
+    # Same size: rank 1 resumed after 2 batches continues exactly.
+    state = streams[1].state_after(2)
+    assert state == {"split": "shards", "epoch": 0, "segments": [[2, 2]]}
+    resumed = _take(TrainStream(uri, batch_size=1, rank=1, world_size=2, resume=state, **kw), 4)
+    for a, b in zip(resumed, ranks[1][2:]):
+        _assert_batches_equal(a, b)  # same images, order and augmentation
+    # One process resumed from that position trains on the 4 images the two ranks had left
+    # of epoch 0, each augmented as it would have been, then on all of epoch 1.
+    alone = _take(TrainStream(uri, batch_size=1, resume=state, **kw), 12)
+    left = {b.image_ids[0] for r in range(2) for b in ranks[r][2:4]}
+    assert {b.image_ids[0] for b in alone[:4]} == left
+    assert sorted(b.image_ids[0] for b in alone[4:]) == sorted(plan.epoch_images(1))
+    by_id = {b.image_ids[0]: b for r in range(2) for b in ranks[r][2:4]}
+    for batch in alone[:4]:
+        _assert_batches_equal(batch, by_id[batch.image_ids[0]])
 
 
 def test_the_scheduling_loop_of_every_shard_dataset_is_paced(ray_local, synth_shards, monkeypatch):
@@ -312,13 +321,22 @@ def test_corrupt_shard_bytes_name_the_shard(ray_local, synth_shards, tmp_path):
         _take(_synth_stream(uri, seed=0, shuffle_files=False), 4)
 
 
-def test_missing_rows_fail_the_epoch(ray_local, synth_shards, tmp_path):
-    from uniinst.ray.data import iter_train_batches
+def test_a_shard_with_fewer_rows_than_its_manifest_entry_is_named(ray_local, synth_shards, tmp_path):
+    import hashlib
 
-    transform = TrainTransform(short_edge=(48,), max_size=64)
-    stream = iter_train_batches(str(synth_shards / "train"), batch_size=2, transform=transform, expected_rows=9)
-    with pytest.raises(RuntimeError, match="yielded 8 images but 9 were expected"):
-        _take(stream, 5)
+    import pyarrow.parquet as pq
+
+    uri = tmp_path / "short"
+    shutil.copytree(synth_shards / "train", uri)
+    manifest_path = uri / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    victim = uri / manifest["shards"][1]["path"]
+    pq.write_table(pq.read_table(victim).slice(0, 1), victim)  # 1 of its 2 rows, checksums updated
+    data = victim.read_bytes()
+    manifest["shards"][1].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=f"shard {victim} holds 1 images but the manifest lists 2"):
+        _take(_synth_stream(uri, seed=0), 1)
 
 
 class _RestartableS3:

@@ -164,6 +164,10 @@ class DataConfig:
     on_error: Literal["raise", "skip"] = "raise"
     endpoint_url: str = ""
     shuffle_buffer: int = 64
+    # How Ray Train workers share a shard dataset (docs/data.md, "Several workers"): "shards",
+    # each reads only what it trains on; "images", every worker reads every shard and N
+    # workers x batch b equal one process x N b exactly.
+    split: Literal["shards", "images"] = "shards"
     synthetic: bool = False
     synthetic_train_images: int = 64
     synthetic_val_images: int = 16
@@ -215,6 +219,12 @@ class RayConfig:
     storage_path: str = ""
     name: str = ""
     max_failures: int = 3
+    # Reading and decoding shards: a custom resource each Ray Data task takes one unit of
+    # (only the nodes offering it do that work; "": any node), and the object store each
+    # worker's stream may fill before Ray Data holds its tasks back (0: half the cluster's
+    # object store shared among the workers).
+    data_resource: str = ""
+    data_object_store_mib: int = 0
 
 
 @dataclass
@@ -497,6 +507,7 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("train.log_period", _positive, ">= 1"),
     ("train.keep_checkpoints", _non_negative, ">= 0 (0: keep all)"),
     ("ray.num_workers", _positive, ">= 1"),
+    ("ray.data_object_store_mib", _non_negative, ">= 0 (0: half the cluster's object store over the workers)"),
     ("ray.cpus_per_worker", _positive, "> 0"),
     ("ray.gpus_per_worker", _positive, "> 0"),
     ("ray.max_failures", lambda x: x >= -1, ">= -1 (-1: retry forever)"),

@@ -120,6 +120,28 @@ class _EpochTaggedSampler(Sampler[tuple[int, int]]):
         return self.sampler.iter_with_epoch()
 
 
+class TrainLoader:
+    """Infinite iterator of this rank's training batches from a DataLoader over
+    :class:`TrainingSampler`, and the position a checkpoint stores to continue it."""
+
+    def __init__(self, loader: DataLoader, sampler: TrainingSampler, batch_size: int) -> None:
+        self._batches = iter(loader)
+        self.sampler, self.batch_size = sampler, batch_size
+
+    def __iter__(self) -> TrainLoader:
+        return self
+
+    def __next__(self) -> Batch:
+        return next(self._batches)
+
+    def state_after(self, batches: int) -> dict[str, int | str]:
+        """Images of the global stream trained on after ``batches`` more batches of every rank:
+        where a resumed stream continues, whatever the size of the group that resumes it."""
+        s = self.sampler
+        done = s.start_position + (s.start + batches * self.batch_size) * s.world_size
+        return {"split": "images", "images": done}
+
+
 def build_train_loader(
     dataset: InstanceSegDataset,
     *,
@@ -130,8 +152,8 @@ def build_train_loader(
     world_size: int = 1,
     start_iter: int = 0,
     start_position: int = 0,
-) -> Iterator[Batch]:
-    """Infinite iterator of training batches of this rank; ``start_iter`` resumes after that
+) -> TrainLoader:
+    """Training batches of this rank, endlessly; ``start_iter`` resumes after that
     many batches, ``start_position`` after that many images of the global stream (see
     :class:`TrainingSampler`)."""
     if batch_size < 1:
@@ -147,7 +169,7 @@ def build_train_loader(
         num_workers=num_workers,
         collate_fn=collate,
     )
-    return iter(loader)
+    return TrainLoader(loader, sampler, batch_size)
 
 
 def build_eval_loader(dataset: Dataset, *, batch_size: int = 1, num_workers: int = 0) -> DataLoader:

@@ -181,19 +181,11 @@ def _train_batches(cfg: ExperimentConfig, train_set: DataSplit, *, start_iter: i
             start_iter=start_iter,
         )
     # Ray only here: importing this module must not pull it in.
-    from uniinst.ray.data import ensure_ray, iter_train_batches
+    from uniinst.ray.data import ensure_ray
+    from uniinst.ray.train_stream import train_stream
 
     ensure_ray()
-    return iter_train_batches(
-        d.train.shards,
-        batch_size=d.batch_size,
-        transform=transform,
-        seed=cfg.train.seed,
-        start_iter=start_iter,
-        shuffle_buffer_size=d.shuffle_buffer,
-        endpoint_url=d.endpoint_url or None,
-        manifest=train_set,
-    )
+    return train_stream(cfg, start_iter=start_iter, manifest=train_set)
 
 
 class _LocalHooks:

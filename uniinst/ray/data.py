@@ -1,12 +1,8 @@
-"""Streaming a shard dataset with Ray Data: read, decode, augment and build stride-4 targets in
-Ray tasks; shuffle, batch and pad in the training process.
+"""Reading a shard dataset with Ray Data, and decoding its rows into training samples in
+Ray tasks: the pieces of every pipeline over shards (the training stream,
+:mod:`uniinst.ray.train_stream`; the evaluation, :mod:`uniinst.ray.evaluate`).
 
-One epoch is one execution of the pipeline::
-
-    shards (in an order drawn from (seed, epoch)) -> read + verify -> decode + transform +
-    targets (Ray tasks) -> rows in shard order -> shuffle buffer -> collate -> Batch
-
-Shards are read by :class:`ShardDatasource`, one Ray read task per shard the manifest lists,
+Shards are read by :class:`ShardDatasource`, one Ray read task per shard,
 rather than ``ray.data.read_parquet``: each shard is read whole and checked against the
 manifest's size and sha256 before any of its rows is used. Parquet pages carry no checksum by
 default (and Ray 2.60's Parquet scanner replaces the scan options that would verify one), so a
@@ -14,17 +10,13 @@ flipped byte inside an image's bytes would otherwise decode to wrong pixels with
 A failed read is retried; a shard that is missing, fails its checksum, is not Parquet or holds
 a row that does not decode raises a :class:`~uniinst.data.shards.ShardError` naming the shard,
 which reaches the process consuming the pipeline as a plain ``ShardError`` with its one-line
-message (see :func:`shard_errors_for_ray` and :func:`shard_errors_unwrapped`). Every epoch's
-rows are counted against the manifest, so an epoch is never silently short.
+message (see :func:`shard_errors_for_ray` and :func:`shard_errors_unwrapped`).
 
 Rows travel as Arrow binary columns (uint8 / int64 / float32 buffers plus shape columns),
 not as Ray tensor columns: images and masks differ in shape from row to row, and binary
-columns concatenate, shuffle and spill like any other bytes. They are batched only here, by
-:func:`collate_stream` (the ragged-batch trap: never ``iter_torch_batches``).
-
-Reproducibility: shard order is drawn from ``(seed, epoch)``, each image's augmentation from
-``(seed, epoch, image_id)`` and the shuffle buffer from ``(seed, epoch)``; rows leave Ray
-in shard order (``preserve_order``), so the batches of an epoch depend on nothing else.
+columns concatenate, shuffle and spill like any other bytes. They are batched only in the
+training process, by :func:`collate_stream` (the ragged-batch trap: never
+``iter_torch_batches``). Each image's augmentation is drawn from ``(seed, epoch, image_id)``.
 """
 
 from __future__ import annotations
@@ -33,21 +25,18 @@ import functools
 import hashlib
 import itertools
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
-from ray.data import DataIterator, Dataset
+from ray.data import Dataset
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
@@ -60,32 +49,26 @@ from uniinst.data.shards import (
     SHARD_SCHEMA,
     Manifest,
     ShardError,
-    ShardInfo,
     check_digest,
     decode_row,
     read_manifest,
     shard_uris,
-    verify_shard,
 )
 from uniinst.data.storage import filesystem_for
+from uniinst.data.stream_plan import AUGMENT
 from uniinst.redact import redact_uri
 from uniinst.structures import Batch, Sample, Targets
 
 logger = logging.getLogger(__name__)
 
 Transform = Callable[[CocoRecord, np.random.Generator], Sample]
-T = TypeVar("T")
 
-# Domain tags keep the generators drawn from one (seed, epoch) apart.
-_SHARD_ORDER, _SHUFFLE, _AUGMENT = 0, 1, 2
 # Reads of one shard before giving up; botocore and s3fs retry each request underneath.
 READ_ATTEMPTS = 5
 # The shortest step of Ray Data's scheduling loop (PacedSchedulingLoop): what its ray.wait waits
 # for a finished task when some are running.
 SCHEDULING_STEP_S = 0.1
 _MAX_BACKOFF_S = 8.0
-# Shards whose image ids a resume reads at once: an object store answers many requests at a time.
-_INDEX_READERS = 8
 
 # What a raw row carries besides SHARD_SCHEMA: the index of its shard in the manifest.
 ROW_SCHEMA = SHARD_SCHEMA.append(pa.field("shard", pa.int32()))
@@ -93,7 +76,7 @@ ROW_SCHEMA = SHARD_SCHEMA.append(pa.field("shard", pa.int32()))
 # A row's status in the decoded stream.
 EMPTY = 0  # no non-crowd instance: skipped for training, still counted
 SAMPLE = 1  # decoded and transformed
-SKIPPED = 2  # another rank's, or trained on before a resume: holds its place in the shuffle, not decoded
+SKIPPED = 2  # not this rank's to train on now: holds its place in the shuffle, not decoded
 
 STREAM_SCHEMA = pa.schema(
     [
@@ -212,7 +195,7 @@ def _tensor(buffer: pa.Scalar, dtype: type, shape: tuple[int, ...]) -> Tensor:
     return torch.from_numpy(np.frombuffer(buffer.as_buffer(), dtype=dtype).reshape(shape).copy())
 
 
-def _rows_of(table: pa.Table, mask_stride: int) -> Iterator[tuple[int, int, StreamSample | None]]:
+def rows_of(table: pa.Table, mask_stride: int) -> Iterator[tuple[int, int, StreamSample | None]]:
     """``(image_id, status, sample or None)`` for every row of a decoded block."""
     cols = {name: table.column(name).combine_chunks() for name in table.column_names}
     for i in range(table.num_rows):
@@ -256,7 +239,7 @@ def shard_errors_for_ray() -> Iterator[None]:
         raise _TaskShardError(exc.message) from None
 
 
-def _carried_shard_error(exc: BaseException | None) -> ShardError | None:
+def carried_shard_error(exc: BaseException | None) -> ShardError | None:
     """The :class:`ShardError` raised in a Ray task under Ray's wrappers of ``exc``, if any."""
     while exc is not None:
         if isinstance(exc, ShardError) and not isinstance(exc, ray.exceptions.RayTaskError):
@@ -273,7 +256,7 @@ def shard_errors_unwrapped() -> Iterator[None]:
     try:
         yield
     except ray.exceptions.RayError as exc:
-        found = _carried_shard_error(exc)
+        found = carried_shard_error(exc)
         if found is None:
             raise
         raise ShardError(found.message) from None
@@ -287,13 +270,6 @@ def ensure_ray() -> None:
     from uniinst.ray.prepare import connect
 
     connect("auto")
-
-
-def shard_order(num_shards: int, *, shuffle: bool, seed: int, epoch: int) -> list[int]:
-    """The order an epoch reads the shards in: a permutation drawn from ``(seed, epoch)``."""
-    if not shuffle:
-        return list(range(num_shards))
-    return np.random.default_rng((seed, epoch, _SHARD_ORDER)).permutation(num_shards).tolist()
 
 
 def _read_shard(
@@ -360,7 +336,8 @@ class ShardDatasource(Datasource):
     Args:
         uri: the dataset (folder or object-store prefix holding ``manifest.json``).
         manifest: its manifest.
-        order: shard indices in reading order (default: the manifest's).
+        order: the shards to read (indices into the manifest), in reading order (default: all,
+            in the manifest's order).
         endpoint_url: S3-compatible endpoint; credentials come from the workers' environment.
         image_ids: keep only these images.
         attempts: reads of a shard before its error is raised.
@@ -380,14 +357,14 @@ class ShardDatasource(Datasource):
         self.uris = shard_uris(uri, manifest)
         self.manifest = manifest
         self.order = list(range(len(manifest.shards)) if order is None else order)
-        if sorted(self.order) != list(range(len(manifest.shards))):
-            raise ValueError(f"order must be a permutation of the {len(manifest.shards)} shards, got {self.order}")
+        if len(set(self.order)) != len(self.order) or not set(self.order) <= set(range(len(manifest.shards))):
+            raise ValueError(f"order must list distinct shards of the {len(manifest.shards)}, got {self.order}")
         self.endpoint_url = endpoint_url
         self.image_ids = None if image_ids is None else frozenset(int(i) for i in image_ids)
         self.attempts = attempts
 
     def estimate_inmemory_data_size(self) -> int:
-        return sum(s.bytes for s in self.manifest.shards)
+        return sum(self.manifest.shards[i].bytes for i in self.order)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None) -> list[ReadTask]:
         tasks = []
@@ -414,22 +391,48 @@ class ShardDatasource(Datasource):
         return tasks
 
 
+@dataclass(frozen=True)
+class DataPlacement:
+    """Where a pipeline's Ray Data tasks run and how much of the object store it may fill.
+
+    Args:
+        resource: a custom resource each read and decode task takes one unit of, so that they
+            run only on the nodes that offer it (``""``: on any node with a free CPU). Give the
+            CPU nodes meant for data ``resources: {<name>: <their CPU count>}``.
+        object_store_mib: the most the pipeline's blocks may hold in the object store before
+            Ray Data holds its tasks back (0: Ray Data's default, a share of the node's store
+            that every pipeline on the node assumes is its own).
+    """
+
+    resource: str = ""
+    object_store_mib: int = 0
+
+    def remote_args(self) -> dict[str, Any]:
+        return {"resources": {self.resource: 1}} if self.resource else {}
+
+    def limit(self, ds: Dataset) -> None:
+        if self.object_store_mib > 0:
+            options = ds.context.execution_options
+            # ExecutionResources has no setters: assign a new one.
+            options.resource_limits = options.resource_limits.copy(object_store_memory=self.object_store_mib * 2**20)
+
+
 def read_shards(
     uri: str,
     *,
     endpoint_url: str | None = None,
-    shuffle_files: bool = False,
-    seed: int = 0,
-    epoch: int = 0,
+    order: Sequence[int] | None = None,
     manifest: Manifest | None = None,
     image_ids: Iterable[int] | None = None,
     attempts: int = READ_ATTEMPTS,
+    placement: DataPlacement = DataPlacement(),
 ) -> tuple[Dataset, Manifest]:
     """The raw rows (:data:`ROW_SCHEMA`) of the shard dataset at ``uri`` and its manifest.
 
-    With ``shuffle_files`` the shards are read in an order drawn from ``(seed, epoch)``. Rows
-    leave the dataset in shard order (Ray Data's ``preserve_order``), so an execution is
-    reproducible. ``manifest`` skips re-reading it; ``image_ids`` keeps only those images.
+    ``order`` names the shards to read, in reading order (default: all). Rows leave the
+    dataset in shard order (Ray Data's ``preserve_order``), so an execution is reproducible.
+    ``manifest`` skips re-reading it; ``image_ids`` keeps only those images; ``placement``
+    says where the read tasks run and caps the pipeline's object store use.
 
     A faulty shard raises a :class:`ShardError` in its read task; a ``map_batches`` UDF over
     these rows may raise one too, from inside :func:`shard_errors_for_ray`, as Ray Data passes
@@ -437,17 +440,17 @@ def read_shards(
     the dataset inside :func:`shard_errors_unwrapped` to get them as plain ``ShardError``.
     """
     manifest = manifest or read_manifest(uri, endpoint_url=endpoint_url)
-    order = shard_order(len(manifest.shards), shuffle=shuffle_files, seed=seed, epoch=epoch)
     source = ShardDatasource(
         uri, manifest, order=order, endpoint_url=endpoint_url, image_ids=image_ids, attempts=attempts
     )
-    ds = ray.data.read_datasource(source)
+    ds = ray.data.read_datasource(source, ray_remote_args=placement.remote_args() or None)
     ds.context.execution_options.preserve_order = True
     ds.context.enable_progress_bars = False
     ds.context.raise_original_map_exception = True
     ds.context.custom_execution_callback_classes = [
         *ds.context.custom_execution_callback_classes, PacedSchedulingLoop
     ]
+    placement.limit(ds)
     return ds, manifest
 
 
@@ -475,15 +478,6 @@ class PacedSchedulingLoop(ExecutionCallback):
 # --------------------------------------------------------------------------- decoding in Ray tasks
 
 
-def _execution_index() -> int:
-    # Ray counts the executions of a dataset and hands the count to its tasks (its own
-    # FileShuffleConfig(reseed_after_execution=True) uses it): for a pipeline built once and
-    # run once per epoch, as a Ray Train dataset shard is, it is the epoch.
-    from ray.data import DataContext
-
-    return int(getattr(DataContext.get_current(), "_execution_idx", 0))
-
-
 class DecodeStep:
     """The Ray Data task body: raw shard rows -> decoded, transformed rows with stride-4
     targets (:data:`STREAM_SCHEMA`).
@@ -493,8 +487,7 @@ class DecodeStep:
         cat_id_to_contiguous: the manifest's category map.
         shard_names: the shard URIs by manifest index, named in errors.
         seed: the base seed; each image's generator is drawn from ``(seed, epoch, image_id)``.
-        epoch: the epoch, or None for Ray's execution count of the dataset (see
-            :func:`_execution_index`).
+        epoch: the epoch the rows are trained in.
         skip_empty: images without non-crowd instances become :data:`EMPTY` markers.
         only: decode only these image ids; the others pass as :data:`SKIPPED` markers (the
             images of other ranks, and those trained on before a resume). None: all.
@@ -508,7 +501,7 @@ class DecodeStep:
         shard_names: Sequence[str],
         *,
         seed: int = 0,
-        epoch: int | None = None,
+        epoch: int = 0,
         skip_empty: bool = True,
         only: Iterable[int] | None = None,
         mask_stride: int = 4,
@@ -523,12 +516,11 @@ class DecodeStep:
         self.mask_stride = mask_stride
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        epoch = self.epoch if self.epoch is not None else _execution_index()
         with shard_errors_for_ray():
-            rows = [self._decode(row, epoch) for row in batch.to_pylist()]
+            rows = [self._decode(row) for row in batch.to_pylist()]
         return pa.Table.from_pylist(rows, schema=STREAM_SCHEMA)
 
-    def _decode(self, row: dict[str, Any], epoch: int) -> dict[str, Any]:
+    def _decode(self, row: dict[str, Any]) -> dict[str, Any]:
         image_id = int(row["image_id"])
         if self.skip_empty and not any(not a["iscrowd"] for a in row["annotations"] or ()):
             return _marker_row(image_id, EMPTY)
@@ -536,293 +528,13 @@ class DecodeStep:
             return _marker_row(image_id, SKIPPED)
         where = f"shard {self.shard_names[row['shard']]}"
         record = decode_row(row, self.cat_id_to_contiguous, where=where)
-        rng = np.random.default_rng((self.seed, epoch, _AUGMENT, image_id))
+        rng = np.random.default_rng((self.seed, self.epoch, AUGMENT, image_id))
         return _sample_row(to_stream_sample(self.transform(record, rng), mask_stride=self.mask_stride))
 
 
-def decode_rows(ds: Dataset, step: DecodeStep, *, batch_size: int = 8) -> Dataset:
-    """``ds`` (raw rows) decoded by ``step`` in Ray tasks, ``batch_size`` images per output block."""
-    return ds.map_batches(step, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True)
-
-
-# --------------------------------------------------------------------------- the training stream
-
-
-def shuffle_buffer(items: Iterable[T], size: int, rng: np.random.Generator) -> Iterator[T]:
-    """Items in a random order that holds back at most ``size`` of them (a shuffle buffer:
-    each new item replaces a random buffered one, which is emitted). The order depends only
-    on the items' sequence and ``rng``."""
-    if size <= 1:
-        yield from items
-        return
-    buffer: list[T] = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        j = int(rng.integers(size))
-        out, buffer[j] = buffer[j], item
-        yield out
-    for j in rng.permutation(len(buffer)).tolist():
-        yield buffer[j]
-
-
-@dataclass
-class _Skipped:
-    """Holds the place in the shuffle of an image this rank does not train on now."""
-
-    image_id: int
-
-
-def _image_index(uri: str, manifest: Manifest, endpoint_url: str | None) -> list[list[tuple[int, bool]]]:
-    """Per shard, ``(image_id, has a non-crowd instance)`` of its rows in order, read from two
-    small columns (no image bytes)."""
-
-    def read(shard_uri: str, info: ShardInfo) -> list[tuple[int, bool]]:
-        where = f"shard {redact_uri(shard_uri)}"
-        fs, path = filesystem_for(shard_uri, endpoint_url=endpoint_url)
-        try:
-            with fs.open(path, "rb") as f:
-                table = pq.ParquetFile(f).read(columns=["image_id", "annotations.list.element.iscrowd"])
-        except FileNotFoundError:
-            raise ShardError(f"{where} is listed in the manifest but does not exist") from None
-        except pa.ArrowInvalid as exc:
-            verify_shard(fs, path, info, where=where)
-            raise ShardError(f"{where} is not a readable shard: {exc}") from exc
-        except OSError:
-            # Parquet's "corrupt page" and a failing store are both OSErrors: the checksum tells.
-            verify_shard(fs, path, info, where=where)
-            raise
-        return [
-            (int(row["image_id"]), any(not a["iscrowd"] for a in row["annotations"] or ()))
-            for row in table.to_pylist()
-        ]
-
-    with ThreadPoolExecutor(_INDEX_READERS) as pool:
-        return list(pool.map(read, shard_uris(uri, manifest), manifest.shards))
-
-
-def iter_train_batches(
-    source: str | Dataset | DataIterator,
-    *,
-    batch_size: int,
-    transform: Transform | None = None,
-    seed: int = 0,
-    start_iter: int = 0,
-    start_position: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    shuffle_buffer_size: int = 64,
-    shuffle_files: bool = True,
-    endpoint_url: str | None = None,
-    manifest: Manifest | None = None,
-    expected_rows: int | None = None,
-    skip_empty: bool = True,
-    size_divisibility: int = 32,
-    mask_stride: int = 4,
-    decode_batch_size: int = 8,
-    prefetch_blocks: int = 2,
-    prefetch_batches: int = 2,
-) -> Iterator[Batch]:
-    """Infinite stream of training batches of ``batch_size`` images for rank ``rank`` of
-    ``world_size``, epoch after epoch (a batch may span two epochs).
-
-    ``source`` is one of:
-
-    - a shard dataset URI: each epoch reads the shards in an order drawn from ``(seed,
-      epoch)``, decodes and transforms them in Ray tasks (:class:`DecodeStep`) and checks the
-      epoch's row count against the manifest;
-    - a :class:`ray.data.Dataset` of raw rows (:func:`read_shards`; pass its ``manifest``):
-      decoded per epoch the same way, in the dataset's own shard order;
-    - a :class:`ray.data.DataIterator` of decoded rows (a Ray Train dataset shard of
-      :func:`decode_rows` with ``DecodeStep(epoch=None)``): iterated once per epoch; its
-      pipeline holds the transform, so ``transform`` is not used.
-
-    Images without instances are skipped (``skip_empty``); the rest pass a shuffle buffer of
-    ``shuffle_buffer_size`` seeded by ``(seed, epoch)``, giving the global stream. Rank ``r``
-    trains on the positions ``r, r + world_size, ...`` of that stream and decodes only those
-    images (the others pass the pipeline as markers): within an epoch no image reaches two
-    ranks, and the ranks' ``k``-th batches together are the ``k``-th batch of
-    ``batch_size * world_size`` of one process. An epoch that yields fewer rows than the
-    manifest lists (or ``expected_rows``) raises instead of ending early. Ray prefetches
-    ``prefetch_blocks`` decoded blocks; a background thread collates ``prefetch_batches``
-    batches ahead, so the training step does not wait for either.
-
-    ``start_iter`` resumes exactly after that many batches: the continuing stream is the one
-    an uninterrupted run would have produced from that point, same images, order and
-    augmentation. ``start_position`` first skips that many images of the global stream (those
-    trained on before the worker group changed size). Resuming and several ranks need a URI:
-    the epoch's order is computed from two small columns of the shards before any image is read.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if start_iter < 0 or start_position < 0:
-        raise ValueError(f"start_iter and start_position must be >= 0, got {start_iter} and {start_position}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    if isinstance(source, str):
-        manifest = manifest or read_manifest(source, endpoint_url=endpoint_url)
-        name = redact_uri(source)
-    elif isinstance(source, Dataset):
-        if manifest is None:
-            raise ValueError("streaming a Dataset of shard rows needs its manifest (read_shards returns it)")
-        name = "the given dataset"
-    elif isinstance(source, DataIterator):
-        name = "the given dataset shard"
-    else:
-        raise TypeError(f"source must be a shard URI, a ray.data.Dataset or a DataIterator, got {type(source).__name__}")
-    if expected_rows is None and manifest is not None:
-        expected_rows = manifest.num_images
-    if transform is None and not isinstance(source, DataIterator):
-        raise ValueError("a transform is needed to decode shard rows")
-    planned = bool(start_iter) or bool(start_position) or world_size > 1
-    if planned and not isinstance(source, str):
-        raise ValueError("resuming (start_iter > 0) or streaming to several ranks needs the shard dataset URI as the source")
-
-    # Positions in the global stream of kept images, counted from the first epoch.
-    index: list[list[tuple[int, bool]]] = []
-    per_epoch, first_position = 0, 0
-    if planned:
-        index = _image_index(source, manifest, endpoint_url)
-        per_epoch = sum(keep or not skip_empty for shard in index for _, keep in shard)
-        if per_epoch < world_size:
-            raise ValueError(f"{name} holds {per_epoch} images to train on, too few for {world_size} ranks")
-        first_position = start_position + rank + start_iter * batch_size * world_size
-
-    def epoch_order(epoch: int) -> list[int]:
-        """The image ids of the epoch's global stream, in order."""
-        order = shard_order(len(manifest.shards), shuffle=shuffle_files, seed=seed, epoch=epoch)
-        kept = [i for s in order for i, keep in index[s] if keep or not skip_empty]
-        return list(shuffle_buffer(kept, shuffle_buffer_size, _shuffle_rng(seed, epoch)))
-
-    def epoch_rows(epoch: int, only: frozenset[int] | None) -> Iterator[pa.Table]:
-        if isinstance(source, DataIterator):
-            return source.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch_blocks)
-        if isinstance(source, str):
-            ds, _ = read_shards(
-                source, endpoint_url=endpoint_url, shuffle_files=shuffle_files, seed=seed, epoch=epoch, manifest=manifest
-            )
-            names = shard_uris(source, manifest)
-        else:
-            ds, names = source, [f"#{i}" for i in range(len(manifest.shards))]
-        step = DecodeStep(
-            transform, manifest.cat_id_to_contiguous, names, seed=seed, epoch=epoch,
-            skip_empty=skip_empty, only=only, mask_stride=mask_stride,
-        )
-        decoded = decode_rows(ds, step, batch_size=decode_batch_size)
-        return decoded.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch_blocks)
-
-    def planned_epoch(epoch: int) -> tuple[list[int], list[bool]]:
-        """The epoch's global order and, per position, whether this rank trains on it."""
-        order = epoch_order(epoch)
-        base = epoch * per_epoch
-        mine = [(base + p) >= first_position and (base + p - rank) % world_size == 0 for p in range(per_epoch)]
-        return order, mine
-
-    def stream() -> Iterator[Batch]:
-        pending: list[StreamSample] = []
-        first_epoch = first_position // per_epoch if planned else 0
-        for epoch in itertools.count(first_epoch):
-            order, mine = planned_epoch(epoch) if planned else ([], [])
-            only = frozenset(i for i, m in zip(order, mine) if m) if planned else None
-            items = _epoch_items(epoch_rows(epoch, only), epoch, expected_rows, name, mask_stride)
-            produced = 0
-            for position, item in enumerate(shuffle_buffer(items, shuffle_buffer_size, _shuffle_rng(seed, epoch))):
-                if planned:
-                    if position >= len(order) or item.image_id != order[position]:
-                        raise RuntimeError(f"{name}, epoch {epoch}: the stream's order does not match the planned one")
-                    if not mine[position]:
-                        continue
-                if isinstance(item, _Skipped):
-                    raise RuntimeError(f"{name}, epoch {epoch}: image {item.image_id} was skipped out of order")
-                produced += 1
-                pending.append(item)
-                if len(pending) == batch_size:
-                    yield collate_stream(pending, size_divisibility=size_divisibility, mask_stride=mask_stride)
-                    pending = []
-            if produced == 0 and not planned:
-                raise ValueError(f"epoch {epoch} of {name} holds no image with an instance to train on")
-
-    return _in_background(stream(), prefetch_batches)
-
-
-def _in_background(items: Iterator[T], size: int) -> Iterator[T]:
-    """``items`` produced by a background thread, up to ``size`` ahead of the consumer: the
-    row conversion and collation overlap the training step (their copies release the GIL).
-    Errors are re-raised here; closing this generator stops the thread and closes ``items``."""
-    if size <= 0:
-        yield from items
-        return
-    ready: queue.Queue = queue.Queue(size)
-    stop = threading.Event()
-
-    def put(entry: tuple[str, Any]) -> None:
-        while not stop.is_set():
-            try:
-                ready.put(entry, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def produce() -> None:
-        try:
-            for item in items:
-                put(("item", item))
-                if stop.is_set():
-                    break
-            put(("end", None))
-        except BaseException as exc:
-            put(("error", exc))
-        finally:
-            items.close()
-
-    thread = threading.Thread(target=produce, name="uniinst-batches", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = ready.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-
-
-def _shuffle_rng(seed: int, epoch: int) -> np.random.Generator:
-    return np.random.default_rng((seed, epoch, _SHUFFLE))
-
-
-def _epoch_items(
-    blocks: Iterator[pa.Table], epoch: int, expected_rows: int | None, name: str, mask_stride: int
-) -> Iterator[StreamSample | _Skipped]:
-    """The samples and consumed markers of one epoch, in stream order; raises at the end if
-    the epoch held fewer (or more) rows than expected."""
-    seen = 0
-    try:
-        for block in blocks:
-            for image_id, status, sample in _rows_of(block, mask_stride):
-                seen += 1
-                if status == SAMPLE:
-                    yield sample
-                elif status == SKIPPED:
-                    yield _Skipped(image_id)
-    except ray.exceptions.RayError as exc:
-        found = _carried_shard_error(exc)
-        if found is not None:
-            raise ShardError(found.message) from None
-        raise RuntimeError(f"streaming epoch {epoch} of {name} failed after {seen} images: {_root_cause(exc)}") from exc
-    if expected_rows is not None and seen != expected_rows:
-        raise RuntimeError(f"epoch {epoch} of {name} yielded {seen} images but {expected_rows} were expected")
-
-
-def _root_cause(exc: BaseException) -> str:
-    """The message of the first error under Ray's wrappers (the one raised in a task, which
-    names its shard), without the remote traceback."""
-    while isinstance(exc, ray.exceptions.RayError):
-        cause = getattr(exc, "cause", None) or exc.__cause__
-        if not isinstance(cause, BaseException):
-            break
-        exc = cause
-    return f"{type(exc).__name__}: {exc}"
+def decode_rows(ds: Dataset, step: DecodeStep, *, batch_size: int = 8, placement: DataPlacement = DataPlacement()) -> Dataset:
+    """``ds`` (raw rows) decoded by ``step`` in Ray tasks placed by ``placement``, ``batch_size``
+    images per output block."""
+    return ds.map_batches(
+        step, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True, **placement.remote_args()
+    )

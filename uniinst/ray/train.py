@@ -26,12 +26,12 @@ writing anything to the run if it does not; a worker's input error (``ValueError
 ``FileNotFoundError``: the same on every try) ends the run without restarts and is raised as
 itself.
 
-Data: every worker streams its own part of the one global image stream (see
-:func:`uniinst.ray.data.iter_train_batches` and
-:class:`~uniinst.data.dataset.TrainingSampler`): within an epoch no image reaches two workers,
-and ``N`` workers with batch ``b`` see the same global batches as one process with batch
-``N * b``; with the normalisers all-reduced and the LR scaled by the global batch, they take
-the same steps.
+Data: within an epoch no image reaches two workers. From a COCO JSON every worker takes its
+positions of one global image stream (:class:`~uniinst.data.dataset.TrainingSampler`), so
+``N`` workers with batch ``b`` see the same global batches as one process with batch ``N * b``;
+with the normalisers all-reduced and the LR scaled by the global batch, they take the same
+steps. From shards each worker reads and trains on its own piece of the epoch
+(:class:`uniinst.ray.train_stream.TrainStream`, ``data.split``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import ray
@@ -64,7 +64,7 @@ from ray.train.torch import TorchTrainer
 
 from uniinst.config import ExperimentConfig, apply_values, config_from_dict, dump_config, to_dict
 from uniinst.data.coco import CocoDataset
-from uniinst.data.dataset import InstanceSegDataset, build_train_loader
+from uniinst.data.dataset import InstanceSegDataset, TrainLoader, build_train_loader
 from uniinst.data.prepare import prepare_dataset
 from uniinst.data.shards import read_manifest
 from uniinst.data.storage import (
@@ -96,7 +96,7 @@ from uniinst.evaluation.coco_results import save_results
 from uniinst.evaluation.inference import predict_dataset
 from uniinst.modeling.sync_batchnorm import convert_sync_batchnorm, sync_batchnorm_parts
 from uniinst.modeling.uniinst import build_model
-from uniinst.ray.data import iter_train_batches
+from uniinst.ray.train_stream import TrainStream, train_stream
 from uniinst.ray.evaluate import ShardEvalSet
 from uniinst.ray.input_errors import EndAtInputError, fit_raising_input_errors
 from uniinst.ray.prepare import connect, ray_executor
@@ -397,26 +397,26 @@ class _Evaluator:
         return metrics
 
 
-def _train_batches(cfg: ExperimentConfig, *, rank: int, world: int, start_position: int) -> Iterator:
-    """This rank's share of the global stream, from image ``start_position`` of it on."""
+def _train_batches(cfg: ExperimentConfig, *, rank: int, world: int, resume: dict[str, Any]) -> TrainLoader | TrainStream:
+    """This rank's batches, continuing from the stream position ``resume`` of a checkpoint."""
     d = cfg.data
-    transform = TrainTransform(short_edge=tuple(d.min_size_train), max_size=d.max_size_train, flip_prob=d.flip_prob)
     if d.train.shards:
-        return iter_train_batches(
-            d.train.shards, batch_size=d.batch_size, transform=transform, seed=cfg.train.seed,
-            start_position=start_position, rank=rank, world_size=world, shuffle_buffer_size=d.shuffle_buffer,
-            endpoint_url=d.endpoint_url or None,
-        )
+        return train_stream(cfg, rank=rank, world_size=world, resume=resume)
+    if resume.get("split", "images") != "images":
+        raise ValueError("the checkpoint's data position is in a shard stream: resume it on data.train.shards")
+    transform = TrainTransform(short_edge=tuple(d.min_size_train), max_size=d.max_size_train, flip_prob=d.flip_prob)
     dataset = CocoDataset(d.train.json, d.train.images, on_error=d.on_error)
     return build_train_loader(
         InstanceSegDataset(dataset, transform, seed=cfg.train.seed, skip_empty=True),
         batch_size=d.batch_size, seed=cfg.train.seed, num_workers=d.num_workers,
-        rank=rank, world_size=world, start_position=start_position,
+        rank=rank, world_size=world, start_position=int(resume.get("images", 0)),
     )
 
 
-def _restore(trainer: Trainer, checkpoint: Checkpoint, rank: int, device: torch.device) -> tuple[int, dict[str, float]]:
-    """Load the checkpoint into ``trainer``; returns the global stream position to continue at
+def _restore(
+    trainer: Trainer, checkpoint: Checkpoint, rank: int, device: torch.device
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Load the checkpoint into ``trainer``; returns the data stream's position to continue at
     and the val metrics of the last evaluation before the checkpoint."""
     with checkpoint.as_directory() as folder:
         state = load_checkpoint(Path(folder) / STATE_FILE, map_location=device)
@@ -429,8 +429,11 @@ def _restore(trainer: Trainer, checkpoint: Checkpoint, rank: int, device: torch.
         else:
             # The group grew: a worker without a saved state draws a fresh, distinct one.
             seed_everything(trainer.cfg.train.seed + rank + 7919 * trainer.iteration)
-    position = int(state.get("data_position", trainer.iteration * state.get("global_batch", trainer.global_batch)))
-    return position, latest_val
+    if "data_stream" in state:
+        return state["data_stream"], latest_val
+    # Checkpoints before the shard split counted images of the global stream.
+    images = state.get("data_position", trainer.iteration * state.get("global_batch", trainer.global_batch))
+    return {"split": "images", "images": int(images)}, latest_val
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -464,7 +467,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model, cfg, device=device, world_size=world, forward_model=forward_model,
         meta=config["meta"],
     )
-    position, latest_val = _restore(trainer, checkpoint, rank, device) if checkpoint is not None else (0, {})
+    position, latest_val = _restore(trainer, checkpoint, rank, device) if checkpoint is not None else ({}, {})
     first_iteration = trainer.iteration
     files: _RunFiles | None = None
     if rank == 0:
@@ -477,7 +480,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             cfg.name, world, device.type, trainer.global_batch, trainer.base_lr, cfg.solver.max_iter,
         )
     evaluator = _Evaluator(cfg, config["meta"]["class_names"], rank, world) if (cfg.data.val.json or cfg.data.val.shards) else None
-    batches = _train_batches(cfg, rank=rank, world=world, start_position=position)
+    batches = _train_batches(cfg, rank=rank, world=world, resume=position)
 
     pending: dict[str, float] = {}
     evaluated = False
@@ -495,10 +498,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def on_checkpoint(it: int) -> None:
         folder = Path(tempfile.mkdtemp(prefix="uniinst-ckpt-"))
         if rank == 0:
-            # Images of the global stream trained on so far: where a resumed stream continues,
-            # whatever the size of the worker group that resumes it.
-            data_position = position + (it - first_iteration) * trainer.global_batch
-            save_checkpoint({**trainer.state_dict(), "data_position": data_position}, folder / STATE_FILE)
+            # Where a resumed stream continues, whatever the size of the group that resumes it.
+            data_stream = batches.state_after(it - first_iteration)
+            save_checkpoint({**trainer.state_dict(), "data_stream": data_stream}, folder / STATE_FILE)
         torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
         saved.append(folder)
 
