@@ -29,7 +29,9 @@ pytestmark = pytest.mark.timeout(900)
 
 @pytest.fixture(scope="module")
 def two_nodes(aws_test_env):
-    """A head and one more node, two CPUs each: a worker asking for two CPUs gets a node of its own."""
+    """A head and one more node, two CPUs each: a worker asking for two CPUs gets a node of its
+    own; and a CPU-only node for data, one CPU that only tasks asking for the "data" resource use
+    (a training worker does not fit on it)."""
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -39,6 +41,7 @@ def two_nodes(aws_test_env):
         head_node_args={"num_cpus": 2, "object_store_memory": 200 * 1024**2, "include_dashboard": False},
     )
     cluster.add_node(num_cpus=2, object_store_memory=200 * 1024**2)
+    cluster.add_node(num_cpus=1, resources={"data": 1}, object_store_memory=100 * 1024**2)
     ray.init(address=cluster.address, log_to_driver=False)
     limit_ray_data()
     yield cluster
@@ -80,7 +83,7 @@ def ddp_run(two_nodes, synth_data, tmp_path_factory):
 def test_two_workers_take_the_steps_of_one_process_with_twice_the_batch(ddp_run, synth_data, tmp_path):
     cfg, result = ddp_run
     assert result.iteration == 4 and run_checkpoints(run_location(cfg)) == ["checkpoint_0000002", "checkpoint_0000004"]
-    assert len({n["NodeID"] for n in ray.nodes() if n["Alive"]}) == 2
+    assert len({n["NodeID"] for n in ray.nodes() if n["Alive"]}) == 3
     with open(f"{run_location(cfg).uri}/metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert [r["iteration"] for r in rows if "val/AP" in r] == [3, 4]
@@ -247,3 +250,32 @@ def test_an_input_error_in_a_worker_ends_the_run_at_once_in_one_line(two_nodes, 
     # Ray Train did not restart the group to fail again: no resumed run was logged.
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert not [row for row in rows if "event/resumed" in row]
+
+
+def test_a_cpu_only_node_decodes_for_the_workers_and_a_resized_run_finishes_the_epoch(two_nodes, synth_data, tmp_path):
+    from uniinst.data.prepare import prepare_dataset, serial_executor
+
+    shards = tmp_path / "shards"
+    prepare_dataset(
+        str(synth_data / "annotations" / "instances_train.json"), str(synth_data / "train"), str(shards),
+        executor=serial_executor, progress=False, images_per_shard=2,
+    )
+    out = tmp_path / "data_node"
+    common = (
+        "data.batch_size=1", "data.train.json=", "data.train.images=", f"data.train.shards={shards}",
+        "data.val.json=", "data.val.images=", "ray.data_resource=data", "train.log_period=1",
+    )
+    # Two workers take all of the two 2-CPU nodes: reading and decoding run on the data node.
+    first = train_ray(_cfg(synth_data, out, *common, "ray.num_workers=2", "solver.max_iter=2"))
+    assert first.iteration == 2
+    assert load_run_checkpoint(first.checkpoint)["data_stream"] == {"split": "shards", "epoch": 0, "segments": [[2, 2]]}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    waits = [r["train/data_wait_fraction"] for r in rows if "train/data_wait_fraction" in r]
+    assert len(waits) == 2 and all(0.0 <= w <= 1.0 for w in waits)
+    assert all(r["train/data_time"] >= 0.0 for r in rows if "train/loss" in r)
+
+    # Resumed by one worker: it trains on the 4 images of epoch 0 the two had left, 2 of them here.
+    again = train_ray(_cfg(synth_data, out, *common, "ray.num_workers=1", "solver.max_iter=4"))
+    assert again.iteration == 4
+    state = load_run_checkpoint(again.checkpoint)["data_stream"]
+    assert state == {"split": "shards", "epoch": 0, "segments": [[2, 2], [1, 2]]}
