@@ -96,7 +96,7 @@ from uniinst.evaluation.coco_results import save_results
 from uniinst.evaluation.inference import predict_dataset
 from uniinst.modeling.sync_batchnorm import convert_sync_batchnorm, sync_batchnorm_parts
 from uniinst.modeling.uniinst import build_model
-from uniinst.ray.train_stream import TrainStream, train_stream
+from uniinst.ray.train_stream import TrainStream, kept_images, train_stream
 from uniinst.ray.evaluate import ShardEvalSet
 from uniinst.ray.input_errors import EndAtInputError, fit_raising_input_errors
 from uniinst.ray.prepare import connect, ray_executor
@@ -275,9 +275,14 @@ def train_ray(cfg: ExperimentConfig, *, resume: bool = True, callbacks: list | N
         cfg.name, cfg.ray.num_workers, cfg.data.batch_size, redact_uri(run.uri),
         f" (resuming from {resumed})" if resumed else "",
     )
+    loop_config = {"config": to_dict(cfg), "run_uri": run.uri, "meta": meta}
+    if cfg.data.train.shards:
+        # Read once here rather than by every worker: the stream's plan needs every shard's ids.
+        shards, endpoint = cfg.data.train.shards, cfg.data.endpoint_url or None
+        loop_config["train_images"] = kept_images(shards, read_manifest(shards, endpoint_url=endpoint), endpoint)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "run_uri": run.uri, "meta": meta},
+        train_loop_config=loop_config,
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=run.name,
@@ -397,11 +402,13 @@ class _Evaluator:
         return metrics
 
 
-def _train_batches(cfg: ExperimentConfig, *, rank: int, world: int, resume: dict[str, Any]) -> TrainLoader | TrainStream:
+def _train_batches(
+    cfg: ExperimentConfig, *, rank: int, world: int, resume: dict[str, Any], kept: list[list[int]] | None
+) -> TrainLoader | TrainStream:
     """This rank's batches, continuing from the stream position ``resume`` of a checkpoint."""
     d = cfg.data
     if d.train.shards:
-        return train_stream(cfg, rank=rank, world_size=world, resume=resume)
+        return train_stream(cfg, rank=rank, world_size=world, resume=resume, kept=kept)
     if resume.get("split", "images") != "images":
         raise ValueError("the checkpoint's data position is in a shard stream: resume it on data.train.shards")
     transform = TrainTransform(short_edge=tuple(d.min_size_train), max_size=d.max_size_train, flip_prob=d.flip_prob)
@@ -480,7 +487,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             cfg.name, world, device.type, trainer.global_batch, trainer.base_lr, cfg.solver.max_iter,
         )
     evaluator = _Evaluator(cfg, config["meta"]["class_names"], rank, world) if (cfg.data.val.json or cfg.data.val.shards) else None
-    batches = _train_batches(cfg, rank=rank, world=world, resume=position)
+    batches = _train_batches(cfg, rank=rank, world=world, resume=position, kept=config.get("train_images"))
 
     pending: dict[str, float] = {}
     evaluated = False

@@ -28,7 +28,7 @@ import functools
 import itertools
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -93,7 +93,8 @@ class TrainStream:
     so the batches depend only on the dataset, the seed, the batch size, the world size and
     ``split``. ``resume`` is a :meth:`state_after` of an earlier stream (None: the start);
     ``start_iter`` skips that many more batches of this rank. Images without a non-crowd
-    instance are not trained on.
+    instance are not trained on. ``kept`` is :func:`kept_images` of the dataset, when the
+    caller has it (a Ray Train driver reads it once for all its workers).
     """
 
     def __init__(
@@ -112,6 +113,7 @@ class TrainStream:
         shuffle_files: bool = True,
         endpoint_url: str | None = None,
         manifest: Manifest | None = None,
+        kept: Sequence[Sequence[int]] | None = None,
         size_divisibility: int = 32,
         mask_stride: int = 4,
         options: StreamOptions = StreamOptions(),
@@ -128,7 +130,7 @@ class TrainStream:
         self.rank, self.world_size, self.split = rank, world_size, split
         self.resume, self.start_iter = resume, start_iter
         self.shuffle_buffer_size, self.shuffle_files = shuffle_buffer_size, shuffle_files
-        self.endpoint_url, self.options = endpoint_url, options
+        self.endpoint_url, self.options, self.kept = endpoint_url, options, kept
         self.size_divisibility, self.mask_stride = size_divisibility, mask_stride
         self._batches = _in_background(self._stream(), options.prefetch_batches)
 
@@ -145,10 +147,10 @@ class TrainStream:
 
     @functools.cached_property
     def plan(self) -> StreamPlan:
-        """The epochs' plan, from the shards' image ids (read once, on first use)."""
-        index = _image_index(self.uri, self.manifest, self.endpoint_url)
+        """The epochs' plan, from the shards' image ids (read on first use unless given)."""
+        kept = self.kept if self.kept is not None else kept_images(self.uri, self.manifest, self.endpoint_url)
         return StreamPlan(
-            [[i for i, keep in shard if keep] for shard in index],
+            kept,
             seed=self.seed, shuffle_files=self.shuffle_files, shuffle_buffer_size=self.shuffle_buffer_size,
         )
 
@@ -247,6 +249,7 @@ def train_stream(
     resume: dict[str, Any] | None = None,
     start_iter: int = 0,
     manifest: Manifest | None = None,
+    kept: Sequence[Sequence[int]] | None = None,
 ) -> TrainStream:
     """The training stream of ``cfg.data.train.shards`` for one rank of a run as ``cfg`` sets it."""
     d = cfg.data
@@ -254,7 +257,7 @@ def train_stream(
     return TrainStream(
         d.train.shards, batch_size=d.batch_size, transform=transform, seed=cfg.train.seed,
         rank=rank, world_size=world_size, split=d.split, resume=resume, start_iter=start_iter,
-        shuffle_buffer_size=d.shuffle_buffer, endpoint_url=d.endpoint_url or None, manifest=manifest,
+        shuffle_buffer_size=d.shuffle_buffer, endpoint_url=d.endpoint_url or None, manifest=manifest, kept=kept,
         options=StreamOptions(placement=_placement(cfg.ray, world_size)),
     )
 
@@ -269,15 +272,18 @@ def _placement(cfg: RayConfig, world_size: int) -> DataPlacement:
     return DataPlacement(resource=cfg.data_resource, object_store_mib=mib)
 
 
-def _image_index(uri: str, manifest: Manifest, endpoint_url: str | None) -> list[list[tuple[int, bool]]]:
-    """Per shard, ``(image_id, has a non-crowd instance)`` of its rows in order, read from two
-    small columns (no image bytes)."""
+def kept_images(uri: str, manifest: Manifest, endpoint_url: str | None = None) -> list[list[int]]:
+    """Per shard (manifest order), the ids of its images with a non-crowd instance (the ones
+    trained on), in row order: read from two small columns, no image bytes, and checked
+    against the manifest's image counts."""
 
-    def read(shard_uri: str, info: ShardInfo) -> list[tuple[int, bool]]:
+    def read(shard_uri: str, info: ShardInfo) -> list[int]:
         where = f"shard {redact_uri(shard_uri)}"
         fs, path = filesystem_for(shard_uri, endpoint_url=endpoint_url)
         try:
-            with fs.open(path, "rb") as f:
+            # No read-ahead: Parquet asks for the footer and two column chunks, and a block
+            # cache would fetch most of the file for them.
+            with fs.open(path, "rb", cache_type="none") as f:
                 table = pq.ParquetFile(f).read(columns=["image_id", "annotations.list.element.iscrowd"])
         except FileNotFoundError:
             raise ShardError(f"{where} is listed in the manifest but does not exist") from None
@@ -291,8 +297,8 @@ def _image_index(uri: str, manifest: Manifest, endpoint_url: str | None) -> list
         if table.num_rows != info.num_images:
             raise ShardError(f"{where} holds {table.num_rows} images but the manifest lists {info.num_images}")
         return [
-            (int(row["image_id"]), any(not a["iscrowd"] for a in row["annotations"] or ()))
-            for row in table.to_pylist()
+            int(row["image_id"]) for row in table.to_pylist()
+            if any(not a["iscrowd"] for a in row["annotations"] or ())
         ]
 
     with ThreadPoolExecutor(_INDEX_READERS) as pool:
