@@ -134,6 +134,10 @@ class TrainLoader:
     def __next__(self) -> Batch:
         return next(self._batches)
 
+    def close(self) -> None:
+        # Dropping the DataLoader's iterator ends its worker processes.
+        self._batches = iter(())
+
     def state_after(self, batches: int) -> dict[str, int | str]:
         """Images of the global stream trained on after ``batches`` more batches of every rank:
         where a resumed stream continues, whatever the size of the group that resumes it."""

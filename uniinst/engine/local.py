@@ -33,6 +33,7 @@ from uniinst.engine.checkpoint import (
     save_checkpoint,
     seed_everything,
 )
+from uniinst.engine.hooks import BestCheckpointer, EvalHook, HookBase, MetricsLogger, PeriodicCheckpointer
 from uniinst.engine.metrics import MetricsWriter
 from uniinst.engine.trainer import Trainer, format_progress, resolve_device
 from uniinst.evaluation.coco_eval import format_table
@@ -150,21 +151,19 @@ def train_local(cfg: ExperimentConfig, *, resume: bool = True) -> TrainResult:
         cfg.data.batch_size, trainer.base_lr, cfg.solver.max_iter,
     )
     batches = _train_batches(cfg, train_set, start_iter=trainer.iteration)
-    hooks = _LocalHooks(cfg, trainer, val_set, device=device, resume_at=trainer.iteration if existing else None)
+    run = _LocalRun(cfg, trainer, val_set, device=device, resume_at=trainer.iteration if existing else None)
     try:
         if trainer.iteration < cfg.solver.max_iter:
-            trainer.run(batches, on_log=hooks.log, on_checkpoint=hooks.checkpoint, on_eval=hooks.evaluate)
+            trainer.run(batches, run.hooks())
         else:
             logger.info("%s is already trained to iteration %d", out, trainer.iteration)
-            hooks.evaluate(trainer.iteration)
+            run.metrics = run.evaluate(trainer.iteration)
     finally:
-        hooks.close()
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
-    if hooks.metrics is not None:
-        (out / "eval" / "final.json").write_text(json.dumps({"iteration": trainer.iteration, **hooks.metrics}, indent=2))
-    return TrainResult(out, trainer.iteration, ckpt_dir / checkpoint_name(trainer.iteration), hooks.metrics, model)
+        run.close()
+        batches.close()
+    if run.metrics is not None:
+        (out / "eval" / "final.json").write_text(json.dumps({"iteration": trainer.iteration, **run.metrics}, indent=2))
+    return TrainResult(out, trainer.iteration, ckpt_dir / checkpoint_name(trainer.iteration), run.metrics, model)
 
 
 def _train_batches(cfg: ExperimentConfig, train_set: DataSplit, *, start_iter: int):
@@ -188,9 +187,9 @@ def _train_batches(cfg: ExperimentConfig, train_set: DataSplit, *, start_iter: i
     return train_stream(cfg, start_iter=start_iter, manifest=train_set)
 
 
-class _LocalHooks:
-    """What a one-process run does around its steps: metrics, checkpoints, evaluations and
-    the best model, all in ``train.output_dir``."""
+class _LocalRun:
+    """Where a one-process run writes, all in ``train.output_dir``: the metrics, checkpoints,
+    evaluations and best model that its hooks produce."""
 
     def __init__(
         self, cfg: ExperimentConfig, trainer: Trainer, val_set: DataSplit | None, *,
@@ -200,8 +199,15 @@ class _LocalHooks:
         self.out = Path(cfg.train.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.writer = MetricsWriter(self.out, resume_at=resume_at)
-        self.best_ap = -1.0
         self.metrics: dict[str, float] | None = None
+
+    def hooks(self) -> list[HookBase]:
+        t = self.cfg.train
+        hooks: list[HookBase] = [MetricsLogger(t.log_period, self.log), PeriodicCheckpointer(t.checkpoint_period, self.checkpoint)]
+        if self.val_set is not None:
+            self.evals = EvalHook(t.eval_period, self.evaluate)
+            hooks += [self.evals, BestCheckpointer(self.evals, self.save_best)]
+        return hooks
 
     def log(self, it: int, m: dict[str, float]) -> None:
         self.writer.write(it, m, prefix="train/")
@@ -212,9 +218,9 @@ class _LocalHooks:
         prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints)
         logger.info("saved %s", path)
 
-    def evaluate(self, it: int) -> None:
+    def evaluate(self, it: int) -> dict[str, float] | None:
         if self.val_set is None:
-            return
+            return None
         eval_dir = self.out / "eval" / f"iter_{it:07d}"
         extra = {"iteration": it, "checkpoint": str(self.ckpt_dir / checkpoint_name(it))}
         model, cfg = self.trainer.model, self.cfg
@@ -229,11 +235,12 @@ class _LocalHooks:
         self.writer.write(it, metrics, prefix="val/")
         d = cfg.data
         logger.info("evaluation at iteration %d on %s:\n%s", it, d.val.shards or d.val.json, format_table(metrics))
-        if metrics["AP"] > self.best_ap:
-            self.best_ap = metrics["AP"]
-            state = self.trainer.state_dict()
-            best_state = {k: state[k] for k in ("model", "iteration", "config", "meta")}
-            save_checkpoint({**best_state, "metrics": metrics}, self.out / "model_best.pt")
+        return metrics
+
+    def save_best(self, it: int, metrics: dict[str, float]) -> None:
+        state = self.trainer.state_dict()
+        best_state = {k: state[k] for k in ("model", "iteration", "config", "meta")}
+        save_checkpoint({**best_state, "metrics": metrics}, self.out / "model_best.pt")
 
     def close(self) -> None:
         self.writer.close()

@@ -3,7 +3,7 @@ the state a checkpoint holds.
 
 The same :class:`Trainer` runs in a single process and in every worker of a distributed job:
 the caller supplies the batches, wraps the model for DDP if it wants, and decides where
-checkpoints and metrics go through the hooks of :meth:`Trainer.run`.
+checkpoints and metrics go through the hook objects it gives :meth:`Trainer.run`.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from uniinst.config import ExperimentConfig, to_dict
 from uniinst.engine.checkpoint import load_model_weights, rng_state, set_rng_state
+from uniinst.engine.hooks import HookBase
 from uniinst.engine.lr_schedule import build_lr_scheduler, scaled_lr
 from uniinst.structures import Batch
 
@@ -47,12 +47,6 @@ def build_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_deca
             (no_decay if isinstance(module, _NORM_TYPES) else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=momentum)
-
-
-@dataclass
-class StepTimes:
-    data: float
-    step: float
 
 
 class Trainer:
@@ -89,6 +83,7 @@ class Trainer:
         self.amp = s.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.iteration = 0
+        self.max_iter = cfg.solver.max_iter
 
     @property
     def lr(self) -> float:
@@ -151,43 +146,19 @@ class Trainer:
         if "rng" in state:
             set_rng_state(state["rng"])
 
-    def run(
-        self,
-        batches: Iterable[Batch],
-        *,
-        max_iter: int | None = None,
-        log_period: int | None = None,
-        checkpoint_period: int | None = None,
-        eval_period: int | None = None,
-        on_log: Callable[[int, dict[str, float]], None] | None = None,
-        on_checkpoint: Callable[[int], None] | None = None,
-        on_eval: Callable[[int], None] | None = None,
-        on_iteration_end: Callable[[int], None] | None = None,
-    ) -> None:
-        """Train from the current iteration to ``max_iter``.
-
-        ``on_log`` gets the averaged metrics every ``log_period`` iterations (with data-wait
-        and step times and images/s); ``on_checkpoint`` and ``on_eval`` are called every
-        ``checkpoint_period`` / ``eval_period`` iterations and once more at the end;
-        ``on_iteration_end`` after every iteration, once the other hooks have run. The
-        iteration count and periods default to the config's (``solver.max_iter``,
-        ``train.log_period``, ``train.checkpoint_period``, ``train.eval_period``).
-        """
-        t = self.cfg.train
-        max_iter = self.cfg.solver.max_iter if max_iter is None else max_iter
-        log_period = t.log_period if log_period is None else log_period
-        checkpoint_period = t.checkpoint_period if checkpoint_period is None else checkpoint_period
-        eval_period = t.eval_period if eval_period is None else eval_period
+    def run(self, batches: Iterable[Batch], hooks: Sequence[HookBase] = (), *, max_iter: int | None = None) -> None:
+        """Train from the current iteration to ``max_iter`` (default ``solver.max_iter``),
+        calling every hook, in order, after every step (:mod:`uniinst.engine.hooks`)."""
+        self.max_iter = self.cfg.solver.max_iter if max_iter is None else max_iter
         it: Iterator[Batch] = iter(batches)
-        window: list[dict[str, float]] = []
-        start_iter = self.iteration
-        t_start = time.perf_counter()
-        while self.iteration < max_iter:
+        for hook in hooks:
+            hook.before_train(self)
+        while self.iteration < self.max_iter:
             t0 = time.perf_counter()
             try:
                 batch = next(it)
             except StopIteration:
-                raise RuntimeError(f"the data ran out at iteration {self.iteration} of {max_iter}") from None
+                raise RuntimeError(f"the data ran out at iteration {self.iteration} of {self.max_iter}") from None
             t1 = time.perf_counter()
             metrics = self.step(batch)
             if self.device.type == "cuda":
@@ -196,21 +167,8 @@ class Trainer:
             metrics["data_time"] = t1 - t0
             metrics["step_time"] = t2 - t1
             metrics["images_per_sec"] = len(batch) / max(t2 - t0, 1e-9)
-            window.append(metrics)
-            done = self.iteration >= max_iter
-            if on_log and (self.iteration % max(log_period, 1) == 0 or done):
-                avg = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
-                avg["lr"] = window[-1]["lr"]
-                elapsed = time.perf_counter() - t_start
-                avg["eta_seconds"] = elapsed / (self.iteration - start_iter) * (max_iter - self.iteration)
-                on_log(self.iteration, avg)
-                window.clear()
-            if on_checkpoint and ((checkpoint_period and self.iteration % checkpoint_period == 0) or done):
-                on_checkpoint(self.iteration)
-            if on_eval and ((eval_period and self.iteration % eval_period == 0) or done):
-                on_eval(self.iteration)
-            if on_iteration_end:
-                on_iteration_end(self.iteration)
+            for hook in hooks:
+                hook.after_step(self, metrics)
 
 
 def format_progress(iteration: int, max_iter: int, metrics: Mapping[str, float]) -> str:

@@ -89,6 +89,7 @@ from uniinst.engine.checkpoint import (
 )
 from uniinst.engine.inference_model import inference_model
 from uniinst.engine.local import load_datasets
+from uniinst.engine.hooks import BestCheckpointer, EvalHook, HookBase, MetricsLogger, PeriodicCheckpointer
 from uniinst.engine.metrics import MetricsWriter
 from uniinst.engine.trainer import Trainer, format_progress
 from uniinst.evaluation.coco_eval import evaluate_segm, format_table, write_report
@@ -446,34 +447,14 @@ def _restore(
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The body of every Ray Train worker: the library's training loop, unchanged, with
     checkpoints, metrics and evaluations reported to Ray."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Ray logs every report and every epoch's pipeline at INFO; the job's output should show
-    # the training's progress (Ray's session logs keep everything).
-    # Some of Ray Train's loggers are named by their file's path, outside the "ray.train" tree.
-    train_dir = os.path.dirname(ray.train.__file__)
-    for name in ["ray.train", "ray.data", *logging.Logger.manager.loggerDict]:
-        if name in ("ray.train", "ray.data") or name.startswith(train_dir):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    _quiet_ray_loggers()
     cfg = config_from_dict(config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     seed_everything(cfg.train.seed + rank)
-
-    model = build_model(cfg.model).to(device)
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and cfg.model.weights:
-        load_initial_weights(model, cfg.model.weights, endpoint_url=cfg.data.endpoint_url or None, announce=False)
-    convert_sync_batchnorm(model, cfg.model, world)
-    forward_model: torch.nn.Module = model
-    if world > 1:
-        forward_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    trainer = Trainer(
-        model, cfg, device=device, world_size=world, forward_model=forward_model,
-        meta=config["meta"],
-    )
+    trainer = _worker_trainer(cfg, config["meta"], world=world, device=device, fresh=checkpoint is None)
     position, latest_val = _restore(trainer, checkpoint, rank, device) if checkpoint is not None else ({}, {})
     first_iteration = trainer.iteration
     files: _RunFiles | None = None
@@ -488,87 +469,133 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
     evaluator = _Evaluator(cfg, config["meta"]["class_names"], rank, world) if (cfg.data.val.json or cfg.data.val.shards) else None
     batches = _train_batches(cfg, rank=rank, world=world, resume=position, kept=config.get("train_images"))
-
-    pending: dict[str, float] = {}
-    evaluated = False
-    saved: list[Path] = []
-    best_ap = -1.0
-
-    def on_log(it: int, m: dict[str, float]) -> None:
-        step = m["data_time"] + m["step_time"]
-        m = {**m, "images_per_sec": m["images_per_sec"] * world, "data_wait_fraction": m["data_time"] / max(step, 1e-9)}
-        pending.update({f"train/{k}": v for k, v in m.items()})
-        if files is not None:
-            files.writer.write(it, m, prefix="train/")
-            logger.info(format_progress(it, cfg.solver.max_iter, m))
-
-    def on_checkpoint(it: int) -> None:
-        folder = Path(tempfile.mkdtemp(prefix="uniinst-ckpt-"))
-        if rank == 0:
-            # Where a resumed stream continues, whatever the size of the group that resumes it.
-            data_stream = batches.state_after(it - first_iteration)
-            save_checkpoint({**trainer.state_dict(), "data_stream": data_stream}, folder / STATE_FILE)
-        torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
-        saved.append(folder)
-
-    def on_eval(it: int) -> None:
-        nonlocal best_ap, evaluated
-        if evaluator is None:
-            return
-        # Every rank takes part and then reports, not only rank 0 that gets the metrics.
-        evaluated = True
-        out_dir = files.staging / "eval" / f"iter_{it:07d}" if files is not None else Path(tempfile.gettempdir())
-        metrics = evaluator(model, out_dir, {"iteration": it})
-        if metrics is None:
-            return
-        latest_val.update({f"val/{k}": v for k, v in metrics.items()})
-        files.writer.write(it, metrics, prefix="val/")
-        logger.info("evaluation at iteration %d:\n%s", it, format_table(metrics))
-        if metrics["AP"] > best_ap:
-            best_ap = metrics["AP"]
-            state = {k: v for k, v in trainer.state_dict().items() if k in ("model", "iteration", "config", "meta")}
-            save_checkpoint({**state, "metrics": metrics}, files.staging / "model_best.pt")
-
-    def on_iteration_end(it: int) -> None:
-        nonlocal evaluated
-        if not pending and not saved and not evaluated:
-            return
-        # Every worker reaches this at the same iterations: report() is a barrier. Each report
-        # carries the latest val metrics, so that a search sees its metric in every result.
-        if saved and files is not None and latest_val:
-            # A resumed run's reports carry them again before its next evaluation.
-            (saved[-1] / VAL_METRICS_FILE).write_text(json.dumps(latest_val))
-        checkpoint = Checkpoint.from_directory(str(saved[-1])) if saved else None
-        ray.train.report(
-            {"iteration": it, **pending, **latest_val},
-            checkpoint=checkpoint,
-            checkpoint_dir_name=checkpoint_dir_name(it) if checkpoint else None,
-        )
-        for folder in saved:
-            shutil.rmtree(folder, ignore_errors=True)
-        saved.clear()
-        pending.clear()
-        evaluated = False
-        if files is not None:
-            files.sync()
-
+    run = _WorkerRun(trainer, batches, files, evaluator, rank=rank, world=world, latest_val=latest_val)
     try:
         if trainer.iteration < cfg.solver.max_iter:
-            trainer.run(
-                batches,
-                on_log=on_log,
-                on_checkpoint=on_checkpoint,
-                on_eval=on_eval,
-                on_iteration_end=on_iteration_end,
-            )
+            trainer.run(batches, run.hooks())
         else:
             ray.train.report({"iteration": trainer.iteration, **latest_val})
     finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
+        batches.close()
         if files is not None:
             files.close()
+
+
+def _quiet_ray_loggers() -> None:
+    """Ray logs every report and every epoch's pipeline at INFO; the job's output should show
+    the training's progress (Ray's session logs keep everything)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Some of Ray Train's loggers are named by their file's path, outside the "ray.train" tree.
+    train_dir = os.path.dirname(ray.train.__file__)
+    for name in ["ray.train", "ray.data", *logging.Logger.manager.loggerDict]:
+        if name in ("ray.train", "ray.data") or name.startswith(train_dir):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _worker_trainer(cfg: ExperimentConfig, meta: dict, *, world: int, device: torch.device, fresh: bool) -> Trainer:
+    """A worker's model (initial weights on a ``fresh`` run, DDP over several workers) and trainer."""
+    model = build_model(cfg.model).to(device)
+    if fresh and cfg.model.weights:
+        load_initial_weights(model, cfg.model.weights, endpoint_url=cfg.data.endpoint_url or None, announce=False)
+    convert_sync_batchnorm(model, cfg.model, world)
+    forward_model: torch.nn.Module = model
+    if world > 1:
+        forward_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    return Trainer(model, cfg, device=device, world_size=world, forward_model=forward_model, meta=meta)
+
+
+class _WorkerRun:
+    """What a Ray Train worker's hooks produce and where it goes: rank 0 writes the run's
+    metrics, evaluations and best model (``files``); every rank writes its part of each
+    checkpoint and reports to Ray at the same iterations."""
+
+    def __init__(
+        self, trainer: Trainer, batches: TrainLoader | TrainStream, files: _RunFiles | None,
+        evaluator: _Evaluator | None, *, rank: int, world: int, latest_val: dict[str, float],
+    ) -> None:
+        self.trainer, self.cfg, self.batches, self.files, self.evaluator = trainer, trainer.cfg, batches, files, evaluator
+        self.rank, self.world, self.first_iteration = rank, world, trainer.iteration
+        self.latest_val = latest_val  # the last evaluation's val/* metrics, sent with every report
+        self.pending: dict[str, float] = {}
+        self.saved: list[Path] = []
+        self.evaluated = False
+
+    def hooks(self) -> list[HookBase]:
+        t = self.cfg.train
+        hooks: list[HookBase] = [MetricsLogger(t.log_period, self.log), PeriodicCheckpointer(t.checkpoint_period, self.checkpoint)]
+        if self.evaluator is not None:
+            evals = EvalHook(t.eval_period, self.evaluate)
+            hooks += [evals, BestCheckpointer(evals, self.save_best)]
+        return [*hooks, RayReport(self)]
+
+    def log(self, it: int, m: dict[str, float]) -> None:
+        step = m["data_time"] + m["step_time"]
+        m = {**m, "images_per_sec": m["images_per_sec"] * self.world, "data_wait_fraction": m["data_time"] / max(step, 1e-9)}
+        self.pending.update({f"train/{k}": v for k, v in m.items()})
+        if self.files is not None:
+            self.files.writer.write(it, m, prefix="train/")
+            logger.info(format_progress(it, self.cfg.solver.max_iter, m))
+
+    def checkpoint(self, it: int) -> None:
+        folder = Path(tempfile.mkdtemp(prefix="uniinst-ckpt-"))
+        if self.rank == 0:
+            # Where a resumed stream continues, whatever the size of the group that resumes it.
+            data_stream = self.batches.state_after(it - self.first_iteration)
+            save_checkpoint({**self.trainer.state_dict(), "data_stream": data_stream}, folder / STATE_FILE)
+        torch.save(rng_state(), folder / f"rng_rank{self.rank}.pt")
+        self.saved.append(folder)
+
+    def evaluate(self, it: int) -> dict[str, float] | None:
+        # Every rank takes part and then reports, not only rank 0 that gets the metrics.
+        self.evaluated = True
+        files = self.files
+        out_dir = files.staging / "eval" / f"iter_{it:07d}" if files is not None else Path(tempfile.gettempdir())
+        metrics = self.evaluator(self.trainer.model, out_dir, {"iteration": it})
+        if metrics is None or files is None:
+            return None
+        self.latest_val.update({f"val/{k}": v for k, v in metrics.items()})
+        files.writer.write(it, metrics, prefix="val/")
+        logger.info("evaluation at iteration %d:\n%s", it, format_table(metrics))
+        return metrics
+
+    def save_best(self, it: int, metrics: dict[str, float]) -> None:
+        state = {k: v for k, v in self.trainer.state_dict().items() if k in ("model", "iteration", "config", "meta")}
+        save_checkpoint({**state, "metrics": metrics}, self.files.staging / "model_best.pt")
+
+    def report(self, it: int) -> None:
+        """Report what this iteration produced, if anything: every worker gets here at the same
+        iterations (``ray.train.report`` is a barrier). Each report carries the latest val
+        metrics, so that a search sees its metric in every result."""
+        if not self.pending and not self.saved and not self.evaluated:
+            return
+        if self.saved and self.files is not None and self.latest_val:
+            # A resumed run's reports carry them again before its next evaluation.
+            (self.saved[-1] / VAL_METRICS_FILE).write_text(json.dumps(self.latest_val))
+        checkpoint = Checkpoint.from_directory(str(self.saved[-1])) if self.saved else None
+        ray.train.report(
+            {"iteration": it, **self.pending, **self.latest_val},
+            checkpoint=checkpoint,
+            checkpoint_dir_name=checkpoint_dir_name(it) if checkpoint else None,
+        )
+        for folder in self.saved:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.saved.clear()
+        self.pending.clear()
+        self.evaluated = False
+        if self.files is not None:
+            self.files.sync()
+
+
+class RayReport(HookBase):
+    """The last hook of a worker: reports to Ray Train what the hooks before it produced."""
+
+    def __init__(self, run: _WorkerRun) -> None:
+        self.run = run
+
+    def after_step(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self.run.report(trainer.iteration)
 
 
 # --------------------------------------------------------------------------- after the run
