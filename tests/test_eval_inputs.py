@@ -13,7 +13,8 @@ from pycocotools import mask as mask_utils
 from conftest import tiny_config
 from uniinst.cli import main
 from uniinst.data.coco import CocoDataset
-from uniinst.engine.local import eval_transform, train_local
+from uniinst.data.transforms import eval_transform
+from uniinst.engine.local import train_local
 from uniinst.evaluation.categories import label_to_category_ids, parse_label_map
 from uniinst.evaluation.coco_eval import evaluate_segm
 from uniinst.evaluation.coco_results import load_results, rle_string_runs

@@ -119,7 +119,12 @@ def test_train_on_shards_checks_the_number_of_classes(synth_data, tmp_path):
     shards = tmp_path / "shards"
     _prepare(synth_data / "annotations" / "instances_train.json", synth_data / "train", shards, images_per_shard=4)
     cfg = tiny_config(synth_data, tmp_path / "run", "data.train.json=", f"data.train.shards={shards}", "model.num_classes=7")
+    from uniinst.ray.shard_split import open_split
+
     with pytest.raises(ValueError, match="num_classes=7.*4 categories"):
+        train_local(cfg, open_split=open_split)
+    # The core's own opener reads COCO JSON only, and says what reads shards.
+    with pytest.raises(ValueError, match="^data.train.shards: shard datasets are read by the Ray layer; pass open_split="):
         train_local(cfg)
 
 
@@ -302,6 +307,30 @@ def test_the_scheduling_loop_of_every_shard_dataset_is_paced(ray_local, synth_sh
     assert len(slept) == 1
 
 
+def test_a_placement_caps_the_pipelines_object_store_and_reaches_the_stream(ray_local, synth_shards):
+    import ray
+
+    import uniinst.ray.data as ray_data
+    from uniinst.config import load_config
+    from uniinst.ray.train_stream import train_stream
+
+    placement = ray_data.DataPlacement(resource="data", object_store_mib=64)
+    assert placement.remote_args() == {"resources": {"data": 1}}
+    ds, _ = ray_data.read_shards(str(synth_shards / "train"), placement=placement)
+    assert ds.context.execution_options.resource_limits.object_store_memory == 64 * 2**20
+    unplaced, _ = ray_data.read_shards(str(synth_shards / "train"))
+    assert unplaced.context.execution_options.resource_limits.object_store_memory != 64 * 2**20
+
+    # From a config: the resource as given; with no cap set, half the cluster's store over the workers.
+    cfg = load_config(
+        CONFIGS / "synth_R18_uniinst.yaml", [f"data.train.shards={synth_shards / 'train'}", "ray.data_resource=data"]
+    )
+    stream = train_stream(cfg, rank=1, world_size=2)
+    store = ray.cluster_resources()["object_store_memory"]
+    assert stream.options.placement == ray_data.DataPlacement("data", int(store / 4 / 2**20))
+    stream.close()
+
+
 # --------------------------------------------------------------------------- failures
 
 
@@ -441,16 +470,17 @@ def test_uniinst_train_and_evaluate_on_shards(ray_local, synth_shards, tmp_path)
 
 def test_training_on_shards_resumes_exactly(ray_local, synth_data, synth_shards, tmp_path):
     from conftest import tiny_config
+    from uniinst.ray.shard_split import open_split
 
     common = (
         "data.train.json=", f"data.train.shards={synth_shards / 'train'}", "data.val.json=",
         "train.checkpoint_period=2", "train.keep_checkpoints=10", "train.log_period=100",
     )
-    train_local(tiny_config(synth_data, tmp_path / "a", "solver.max_iter=4", *common))
-    first = train_local(tiny_config(synth_data, tmp_path / "b", "solver.max_iter=2", *common))
+    train_local(tiny_config(synth_data, tmp_path / "a", "solver.max_iter=4", *common), open_split=open_split)
+    first = train_local(tiny_config(synth_data, tmp_path / "b", "solver.max_iter=2", *common), open_split=open_split)
     assert first.iteration == 2
     # Resumes in the middle of the first epoch: 4 of its 8 images were trained on.
-    resumed = train_local(tiny_config(synth_data, tmp_path / "b", "solver.max_iter=4", *common))
+    resumed = train_local(tiny_config(synth_data, tmp_path / "b", "solver.max_iter=4", *common), open_split=open_split)
     assert resumed.iteration == 4
     a = load_checkpoint(tmp_path / "a" / "checkpoints" / checkpoint_name(4))
     b = load_checkpoint(tmp_path / "b" / "checkpoints" / checkpoint_name(4))

@@ -10,11 +10,15 @@ import re
 import sys
 import traceback
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 
 from uniinst.redact import Redactor, credentials_in, redact_uri
 from uniinst.reproduce.suite import SuiteConfig, load_suite, variant_names
+
+if TYPE_CHECKING:
+    from uniinst.config import ExperimentConfig
+    from uniinst.data.source import SplitOpener
 
 logger = logging.getLogger("uniinst")
 
@@ -67,6 +71,19 @@ def _ray_overrides(args: argparse.Namespace) -> list[str]:
     return extra
 
 
+def _split_opener(cfg: ExperimentConfig) -> SplitOpener:
+    """How this run reads its datasets: COCO JSON in the core, shards with the Ray layer
+    (whose import needs the 'ray' extra)."""
+    d = cfg.data
+    if d.train.shards or d.val.shards:
+        from uniinst.ray.shard_split import open_split
+
+        return open_split
+    from uniinst.data.source import open_json_split
+
+    return open_json_split
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     if args.workers or args.storage_path:
         from uniinst.ray.train import format_summary, train_ray
@@ -79,7 +96,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from uniinst.engine.local import train_local
 
     cfg = _load_cfg(args)
-    result = train_local(cfg, resume=not args.no_resume)
+    result = train_local(cfg, resume=not args.no_resume, open_split=_split_opener(cfg))
     print(f"\ntrained to iteration {result.iteration}; checkpoint: {result.checkpoint}")
     if result.metrics is not None:
         from uniinst.evaluation.coco_eval import format_table

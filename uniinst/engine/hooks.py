@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from uniinst.config import TrainConfig
     from uniinst.engine.trainer import Trainer
 
 
@@ -100,3 +101,25 @@ class BestCheckpointer(HookBase):
             return
         self.best_ap = found["AP"]
         self.save(trainer.iteration, found)
+
+
+class RunOutputs(Protocol):
+    """Where a run's hooks write: its metrics, checkpoints, evaluations and best model."""
+
+    def log(self, iteration: int, metrics: dict[str, float]) -> None: ...
+
+    def checkpoint(self, iteration: int) -> None: ...
+
+    def evaluate(self, iteration: int) -> dict[str, float] | None: ...
+
+    def save_best(self, iteration: int, metrics: dict[str, float]) -> None: ...
+
+
+def training_hooks(cfg: TrainConfig, outputs: RunOutputs, *, evaluates: bool) -> list[HookBase]:
+    """The hooks every trainer assembles, at the config's periods: metrics, periodic
+    checkpoints and, when there is a val split, evaluations and the best model."""
+    hooks: list[HookBase] = [MetricsLogger(cfg.log_period, outputs.log), PeriodicCheckpointer(cfg.checkpoint_period, outputs.checkpoint)]
+    if evaluates:
+        evals = EvalHook(cfg.eval_period, outputs.evaluate)
+        hooks += [evals, BestCheckpointer(evals, outputs.save_best)]
+    return hooks

@@ -51,7 +51,6 @@ import numpy as np
 import ray
 import ray.train
 import torch
-import torch.distributed as dist
 from ray.train import (
     Checkpoint,
     CheckpointConfig,
@@ -63,8 +62,6 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 
 from uniinst.config import ExperimentConfig, apply_values, config_from_dict, dump_config, to_dict
-from uniinst.data.coco import CocoDataset
-from uniinst.data.dataset import InstanceSegDataset, TrainLoader, build_train_loader
 from uniinst.data.prepare import prepare_dataset
 from uniinst.data.shards import read_manifest
 from uniinst.data.storage import (
@@ -77,7 +74,6 @@ from uniinst.data.storage import (
     upload_file,
 )
 from uniinst.data.synthetic import generate_synthetic_coco
-from uniinst.data.transforms import TrainTransform, eval_transform
 from uniinst.engine.checkpoint import (
     load_checkpoint,
     load_initial_weights,
@@ -88,17 +84,15 @@ from uniinst.engine.checkpoint import (
     set_rng_state,
 )
 from uniinst.engine.inference_model import inference_model
-from uniinst.engine.local import load_datasets
-from uniinst.engine.hooks import BestCheckpointer, EvalHook, HookBase, MetricsLogger, PeriodicCheckpointer
+from uniinst.data.source import TrainBatches, open_splits
+from uniinst.engine.hooks import HookBase, training_hooks
 from uniinst.engine.metrics import MetricsWriter
 from uniinst.engine.trainer import Trainer, format_progress
-from uniinst.evaluation.coco_eval import evaluate_segm, format_table, write_report
-from uniinst.evaluation.coco_results import save_results
-from uniinst.evaluation.inference import predict_dataset
+from uniinst.evaluation.coco_eval import format_table
+from uniinst.evaluation.split_evaluator import SplitEvaluator
 from uniinst.modeling.sync_batchnorm import convert_sync_batchnorm, sync_batchnorm_parts
 from uniinst.modeling.uniinst import build_model
-from uniinst.ray.train_stream import TrainStream, kept_images, train_stream
-from uniinst.ray.evaluate import ShardEvalSet
+from uniinst.ray.shard_split import open_split
 from uniinst.ray.input_errors import EndAtInputError, fit_raising_input_errors
 from uniinst.ray.prepare import connect, ray_executor
 from uniinst.redact import redact_uri
@@ -227,7 +221,7 @@ def prepare_run_data(
         for split in uris:
             values.update({f"data.{split}.json": "", f"data.{split}.images": "", f"data.{split}.shards": uris[split]})
         cfg = apply_values(cfg, values)
-    train, _ = load_datasets(cfg)
+    train, _ = open_splits(cfg, open_split)
     return cfg, {"class_names": list(train.class_names), "category_ids": list(train.contiguous_to_cat_id)}
 
 
@@ -277,10 +271,8 @@ def train_ray(cfg: ExperimentConfig, *, resume: bool = True, callbacks: list | N
         f" (resuming from {resumed})" if resumed else "",
     )
     loop_config = {"config": to_dict(cfg), "run_uri": run.uri, "meta": meta}
-    if cfg.data.train.shards:
-        # Read once here rather than by every worker: the stream's plan needs every shard's ids.
-        shards, endpoint = cfg.data.train.shards, cfg.data.endpoint_url or None
-        loop_config["train_images"] = kept_images(shards, read_manifest(shards, endpoint_url=endpoint), endpoint)
+    # Read once here rather than by every worker (for shards: every shard's image ids).
+    loop_config["train_plan"] = open_split(cfg.data.train, cfg, "train").plan()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -359,68 +351,6 @@ class _RunFiles:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-class _Evaluator:
-    """Mask AP on ``data.val`` during training: every worker predicts its share of the
-    images on its own device, rank 0 gathers the results and scores them."""
-
-    def __init__(self, cfg: ExperimentConfig, class_names: list[str], rank: int, world: int) -> None:
-        self.cfg, self.rank, self.world = cfg, rank, world
-        self.transform = eval_transform(cfg)
-        val = cfg.data.val
-        self.shards: ShardEvalSet | None = None
-        self.dataset: CocoDataset | None = None
-        if val.shards:
-            self.shards = ShardEvalSet(
-                val, num_classes=cfg.model.num_classes, class_names=class_names,
-                endpoint_url=cfg.data.endpoint_url or None,
-            )
-            self.image_ids = self.shards.image_ids
-        else:
-            self.dataset = CocoDataset(val.json, val.images, on_error=cfg.data.on_error)
-            self.image_ids = list(self.dataset.image_ids)
-
-    def __call__(self, model: torch.nn.Module, out_dir: Path, extra: dict) -> dict[str, float] | None:
-        mine = list(range(self.rank, len(self.image_ids), self.world))
-        if self.shards is not None:
-            results = self.shards.predict(
-                model, transform=self.transform, image_ids=[self.image_ids[i] for i in mine]
-            )
-        else:
-            results = predict_dataset(model, self.dataset, transform=self.transform, indices=mine)
-        if self.world > 1:
-            gathered: list[Any] = [None] * self.world
-            dist.all_gather_object(gathered, results)
-            results = [r for part in gathered for r in part]
-        if self.rank != 0:
-            return None
-        save_results(results, out_dir / "results.json")
-        if self.shards is not None:
-            metrics, details = self.shards.score(results), self.shards.details()
-        else:
-            metrics = evaluate_segm(self.dataset.gt_json_path, results, image_ids=self.image_ids)
-            details = {"json": self.cfg.data.val.json, "images": len(self.image_ids)}
-        write_report(metrics, out_dir, extra={**details, **extra})
-        return metrics
-
-
-def _train_batches(
-    cfg: ExperimentConfig, *, rank: int, world: int, resume: dict[str, Any], kept: list[list[int]] | None
-) -> TrainLoader | TrainStream:
-    """This rank's batches, continuing from the stream position ``resume`` of a checkpoint."""
-    d = cfg.data
-    if d.train.shards:
-        return train_stream(cfg, rank=rank, world_size=world, resume=resume, kept=kept)
-    if resume.get("split", "images") != "images":
-        raise ValueError("the checkpoint's data position is in a shard stream: resume it on data.train.shards")
-    transform = TrainTransform(short_edge=tuple(d.min_size_train), max_size=d.max_size_train, flip_prob=d.flip_prob)
-    dataset = CocoDataset(d.train.json, d.train.images, on_error=d.on_error)
-    return build_train_loader(
-        InstanceSegDataset(dataset, transform, seed=cfg.train.seed, skip_empty=True),
-        batch_size=d.batch_size, seed=cfg.train.seed, num_workers=d.num_workers,
-        rank=rank, world_size=world, start_position=int(resume.get("images", 0)),
-    )
-
-
 def _restore(
     trainer: Trainer, checkpoint: Checkpoint, rank: int, device: torch.device
 ) -> tuple[dict[str, Any], dict[str, float]]:
@@ -467,8 +397,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "training %s on %d worker(s) (%s): global batch %d, lr %.4g, %d iterations",
             cfg.name, world, device.type, trainer.global_batch, trainer.base_lr, cfg.solver.max_iter,
         )
-    evaluator = _Evaluator(cfg, config["meta"]["class_names"], rank, world) if (cfg.data.val.json or cfg.data.val.shards) else None
-    batches = _train_batches(cfg, rank=rank, world=world, resume=position, kept=config.get("train_images"))
+    evaluator = None
+    if cfg.data.val.json or cfg.data.val.shards:
+        val = open_split(cfg.data.val, cfg, "val", config["meta"]["class_names"])
+        evaluator = SplitEvaluator(val, cfg, rank=rank, world=world)
+    train = open_split(cfg.data.train, cfg, "train")
+    batches = train.train_batches(cfg, rank=rank, world_size=world, resume=position, plan=config.get("train_plan"))
     run = _WorkerRun(trainer, batches, files, evaluator, rank=rank, world=world, latest_val=latest_val)
     try:
         if trainer.iteration < cfg.solver.max_iter:
@@ -512,8 +446,8 @@ class _WorkerRun:
     checkpoint and reports to Ray at the same iterations."""
 
     def __init__(
-        self, trainer: Trainer, batches: TrainLoader | TrainStream, files: _RunFiles | None,
-        evaluator: _Evaluator | None, *, rank: int, world: int, latest_val: dict[str, float],
+        self, trainer: Trainer, batches: TrainBatches, files: _RunFiles | None,
+        evaluator: SplitEvaluator | None, *, rank: int, world: int, latest_val: dict[str, float],
     ) -> None:
         self.trainer, self.cfg, self.batches, self.files, self.evaluator = trainer, trainer.cfg, batches, files, evaluator
         self.rank, self.world, self.first_iteration = rank, world, trainer.iteration
@@ -523,12 +457,7 @@ class _WorkerRun:
         self.evaluated = False
 
     def hooks(self) -> list[HookBase]:
-        t = self.cfg.train
-        hooks: list[HookBase] = [MetricsLogger(t.log_period, self.log), PeriodicCheckpointer(t.checkpoint_period, self.checkpoint)]
-        if self.evaluator is not None:
-            evals = EvalHook(t.eval_period, self.evaluate)
-            hooks += [evals, BestCheckpointer(evals, self.save_best)]
-        return [*hooks, RayReport(self)]
+        return [*training_hooks(self.cfg.train, self, evaluates=self.evaluator is not None), RayReport(self)]
 
     def log(self, it: int, m: dict[str, float]) -> None:
         step = m["data_time"] + m["step_time"]
