@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from uniinst.atomic_file import atomic_output
 from uniinst.redact import has_credentials, redact_uri
 
 
@@ -84,25 +84,10 @@ def upload_file(local: str | os.PathLike, uri: str, *, endpoint_url: str | None 
     store publishes an object whole; a local destination is written next to it and renamed."""
     fs, path = filesystem_for(uri, endpoint_url=endpoint_url)
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            shutil.copyfile(local, tmp)
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with open(local, "rb") as src, atomic_output(path) as dst:
+            shutil.copyfileobj(src, dst)
         return
     fs.put_file(os.fspath(local), path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def download_file(uri: str, local: str | os.PathLike, *, endpoint_url: str | None = None) -> bool:

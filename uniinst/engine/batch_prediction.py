@@ -15,8 +15,6 @@ import glob
 import io
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image, ImageOps
 
+from uniinst.atomic_file import atomic_output
 from uniinst.data.coco import CocoRecord
 from uniinst.data.collate import collate
 from uniinst.data.transforms import EvalTransform
@@ -146,6 +145,14 @@ class Outcome:
     def line(self) -> dict:
         return self.record if self.record is not None else {"file": redact_uri(self.file), "error": self.error}
 
+    @classmethod
+    def from_line(cls, file: str, line: str, *, png: bytes | None = None) -> Outcome:
+        """The outcome whose :meth:`line` is the JSON ``line`` (as a replica sends it back)."""
+        entry = json.loads(line)
+        if "error" in entry:
+            return cls(file, error=entry["error"], png=png or None)
+        return cls(file, record=entry, png=png or None)
+
 
 def predict_file(
     model: Predictor, file: str, *, endpoint_url: str | None = None, draw_thresh: float | None = None
@@ -180,14 +187,8 @@ class Destination:
         if self._fs is not None:
             self._fs.pipe_file(target, data)
             return
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_output(target) as f:
             f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as a file written in place would be, not mkstemp's 0600
-        os.replace(tmp, target)
 
     def read(self, name: str) -> bytes:
         target = f"{self._path}/{name}"

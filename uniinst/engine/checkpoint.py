@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 from torch import nn
 
+from uniinst.atomic_file import atomic_output
 from uniinst.redact import redact_uri
 
 logger = logging.getLogger(__name__)
@@ -28,20 +28,11 @@ def checkpoint_name(iteration: int) -> str:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` atomically: a temporary file in the same folder, fsynced, then renamed,
-    so a run killed mid-save leaves the previous checkpoint untouched."""
+    """Write ``state`` atomically (:func:`~uniinst.atomic_file.atomic_output`), so a run
+    killed mid-save leaves the previous checkpoint untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as f:
+        torch.save(state, f)
     return path
 
 
@@ -49,10 +40,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    return read_checkpoint(path, str(path), map_location=map_location)
+
+
+def read_checkpoint(source: Path | BinaryIO, name: str, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The state in a checkpoint file or file object, tensors and plain data only
+    (``weights_only``); anything else is a ValueError naming ``name``."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(source, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise ValueError(f"cannot read checkpoint {name}: {exc}") from exc
 
 
 def model_weights(state: Any, source: str | Path) -> Mapping[str, torch.Tensor]:

@@ -17,6 +17,7 @@ import ray
 import torch
 
 from uniinst.engine.batch_prediction import Destination, Outcome, PredictionRun, predict_file
+from uniinst.engine.checkpoint import read_checkpoint
 from uniinst.engine.exported_model import ExportedModel
 from uniinst.engine.inference_model import inference_model, load_model_for_inference
 from uniinst.ray.data import ensure_ray
@@ -37,7 +38,7 @@ class ImagePredictor:
         data = ray.get(model_file[0])
         if backend == "eager":
             device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-            state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+            state = read_checkpoint(io.BytesIO(data), name, map_location=device)
             self.model: Any = inference_model(state, source=name, device=device, overrides=overrides)
         else:
             self._dir = tempfile.TemporaryDirectory()
@@ -98,12 +99,6 @@ def predict_images_ray(
             batch_size=chunk, batch_format="pyarrow", concurrency=replicas, num_gpus=1 if use_gpu else 0,
         )
         for block in outcomes.iter_batches(batch_size=None, batch_format="pyarrow"):
-            run.add([_outcome(row) for row in block.to_pylist()], total=len(files))
+            run.add([Outcome.from_line(row["file"], row["line"], png=row["png"]) for row in block.to_pylist()], total=len(files))
     return run.finish(files)
 
-
-def _outcome(row: dict) -> Outcome:
-    entry = json.loads(row["line"])
-    if "error" in entry:
-        return Outcome(row["file"], error=entry["error"], png=row["png"] or None)
-    return Outcome(row["file"], record=entry, png=row["png"] or None)
