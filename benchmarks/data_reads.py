@@ -40,10 +40,10 @@ from typing import Any
 import ray
 
 from uniinst.data.prepare import prepare_dataset, serial_executor
+from uniinst.data.shards import read_manifest
 from uniinst.data.storage import filesystem_for
 from uniinst.data.synthetic import generate_synthetic_coco
 from uniinst.data.transforms import TrainTransform
-from uniinst.data.shards import read_manifest
 from uniinst.ray.train_stream import StreamOptions, TrainStream, kept_images
 
 DATASET = "s3://reads/shards"

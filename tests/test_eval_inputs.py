@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import tiny_config
 from pycocotools import mask as mask_utils
 
-from conftest import tiny_config
 from uniinst.cli import main
 from uniinst.data.coco import CocoDataset
 from uniinst.data.transforms import eval_transform

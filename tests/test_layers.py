@@ -27,7 +27,9 @@ def test_the_core_imports_neither_ray_nor_the_ray_layer():
     ]
     assert len(core) > 40
     offending = {
-        p.relative_to(PACKAGE).as_posix(): sorted(n for n in _imports(p) if n.split(".")[0] == "ray" or n.startswith("uniinst.ray"))
+        p.relative_to(PACKAGE).as_posix(): sorted(
+            n for n in _imports(p) if n.split(".")[0] == "ray" or n.startswith("uniinst.ray")
+        )
         for p in core
     }
     assert {k: v for k, v in offending.items() if v} == {}

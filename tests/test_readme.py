@@ -20,6 +20,8 @@ def test_readme_python_example_runs(monkeypatch):
 def test_architecture_doc_maps_every_module():
     root = README.parent
     text = (root / "docs" / "architecture.md").read_text()
-    modules = sorted(p.relative_to(root).as_posix() for p in (root / "uniinst").rglob("*.py") if p.name != "__init__.py")
+    modules = sorted(
+        p.relative_to(root).as_posix() for p in (root / "uniinst").rglob("*.py") if p.name != "__init__.py"
+    )
     assert modules
     assert [m for m in modules if f"`{m}`" not in text] == []

@@ -14,8 +14,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import CONFIGS, TINY
+
 from uniinst.cli import main
 from uniinst.data.prepare import prepare_dataset, serial_executor
 from uniinst.data.shards import MANIFEST_NAME, ShardError, read_manifest

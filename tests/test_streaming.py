@@ -14,9 +14,9 @@ import uuid
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIGS, TINY, _free_port, coco_tiny_root
 from pycocotools import mask as mask_utils
 
-from conftest import CONFIGS, TINY, _free_port, coco_tiny_root
 from uniinst.cli import main
 from uniinst.data.coco import CocoDataset
 from uniinst.data.collate import collate
@@ -124,7 +124,7 @@ def test_train_on_shards_checks_the_number_of_classes(synth_data, tmp_path):
     with pytest.raises(ValueError, match="num_classes=7.*4 categories"):
         train_local(cfg, open_split=open_split)
     # The core's own opener reads COCO JSON only, and says what reads shards.
-    with pytest.raises(ValueError, match="^data.train.shards: shard datasets are read by the Ray layer; pass open_split="):
+    with pytest.raises(ValueError, match="^data.train.shards: shard datasets are read by the Ray layer; pass "):
         train_local(cfg)
 
 
@@ -470,6 +470,7 @@ def test_uniinst_train_and_evaluate_on_shards(ray_local, synth_shards, tmp_path)
 
 def test_training_on_shards_resumes_exactly(ray_local, synth_data, synth_shards, tmp_path):
     from conftest import tiny_config
+
     from uniinst.ray.shard_split import open_split
 
     common = (

@@ -18,6 +18,7 @@ import torch
 ray = pytest.importorskip("ray")
 
 from conftest import CONFIGS, TINY, limit_ray_data, restore_local_ray, tiny_config  # noqa: E402
+
 from uniinst.cli import main  # noqa: E402
 from uniinst.engine.checkpoint import checkpoint_name, load_checkpoint, seed_everything  # noqa: E402
 from uniinst.engine.local import train_local  # noqa: E402

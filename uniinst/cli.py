@@ -12,7 +12,6 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-
 from uniinst.redact import Redactor, credentials_in, redact_uri
 from uniinst.reproduce.suite import SuiteConfig, load_suite, variant_names
 

@@ -17,7 +17,6 @@ from fsspec.implementations.local import LocalFileSystem
 from uniinst.atomic_file import atomic_output
 from uniinst.redact import has_credentials, redact_uri
 
-
 _CLOUD_STORES = ("s3", "s3a", "gs", "gcs")
 
 

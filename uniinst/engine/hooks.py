@@ -118,7 +118,10 @@ class RunOutputs(Protocol):
 def training_hooks(cfg: TrainConfig, outputs: RunOutputs, *, evaluates: bool) -> list[HookBase]:
     """The hooks every trainer assembles, at the config's periods: metrics, periodic
     checkpoints and, when there is a val split, evaluations and the best model."""
-    hooks: list[HookBase] = [MetricsLogger(cfg.log_period, outputs.log), PeriodicCheckpointer(cfg.checkpoint_period, outputs.checkpoint)]
+    hooks: list[HookBase] = [
+        MetricsLogger(cfg.log_period, outputs.log),
+        PeriodicCheckpointer(cfg.checkpoint_period, outputs.checkpoint),
+    ]
     if evaluates:
         evals = EvalHook(cfg.eval_period, outputs.evaluate)
         hooks += [evals, BestCheckpointer(evals, outputs.save_best)]

@@ -67,7 +67,9 @@ def with_synthetic_data(cfg: ExperimentConfig) -> ExperimentConfig:
     })
 
 
-def train_local(cfg: ExperimentConfig, *, resume: bool = True, open_split: SplitOpener = open_json_split) -> TrainResult:
+def train_local(
+    cfg: ExperimentConfig, *, resume: bool = True, open_split: SplitOpener = open_json_split
+) -> TrainResult:
     """Train ``cfg`` in this process, resuming from the newest checkpoint in
     ``<output_dir>/checkpoints`` unless ``resume`` is False, and evaluate on ``data.val``.
     ``open_split`` reads the datasets (the default, COCO JSON only; the Ray layer's
@@ -124,7 +126,9 @@ class _LocalRun:
     """Where a one-process run writes, all in ``train.output_dir``: the metrics, checkpoints,
     evaluations and best model that its hooks produce."""
 
-    def __init__(self, cfg: ExperimentConfig, trainer: Trainer, val_set: Split | None, *, resume_at: int | None) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, trainer: Trainer, val_set: Split | None, *, resume_at: int | None
+    ) -> None:
         self.cfg, self.trainer, self.val_set = cfg, trainer, val_set
         self.evaluator = SplitEvaluator(val_set, cfg) if val_set is not None else None
         self.out = Path(cfg.train.output_dir)

@@ -532,7 +532,9 @@ class DecodeStep:
         return _sample_row(to_stream_sample(self.transform(record, rng), mask_stride=self.mask_stride))
 
 
-def decode_rows(ds: Dataset, step: DecodeStep, *, batch_size: int = 8, placement: DataPlacement = DataPlacement()) -> Dataset:
+def decode_rows(
+    ds: Dataset, step: DecodeStep, *, batch_size: int = 8, placement: DataPlacement = DataPlacement()
+) -> Dataset:
     """``ds`` (raw rows) decoded by ``step`` in Ray tasks placed by ``placement``, ``batch_size``
     images per output block."""
     return ds.map_batches(

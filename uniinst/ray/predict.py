@@ -99,6 +99,7 @@ def predict_images_ray(
             batch_size=chunk, batch_format="pyarrow", concurrency=replicas, num_gpus=1 if use_gpu else 0,
         )
         for block in outcomes.iter_batches(batch_size=None, batch_format="pyarrow"):
-            run.add([Outcome.from_line(row["file"], row["line"], png=row["png"]) for row in block.to_pylist()], total=len(files))
+            rows = block.to_pylist()
+            run.add([Outcome.from_line(r["file"], r["line"], png=r["png"]) for r in rows], total=len(files))
     return run.finish(files)
 

@@ -72,7 +72,9 @@ class ShardSplit:
         return self._eval_set.details()
 
 
-def open_split(split: DatasetConfig, cfg: ExperimentConfig, name: str, class_names: Sequence[str] | None = None) -> Split:
+def open_split(
+    split: DatasetConfig, cfg: ExperimentConfig, name: str, class_names: Sequence[str] | None = None
+) -> Split:
     """``data.<name>`` as a split: a shard dataset, or a COCO JSON."""
     if split.shards:
         return ShardSplit(split, cfg, class_names)

@@ -64,6 +64,7 @@ from ray.train.torch import TorchTrainer
 from uniinst.config import ExperimentConfig, apply_values, config_from_dict, dump_config, to_dict
 from uniinst.data.prepare import prepare_dataset
 from uniinst.data.shards import read_manifest
+from uniinst.data.source import TrainBatches, open_splits
 from uniinst.data.storage import (
     absolute,
     arrow_filesystem_for,
@@ -83,18 +84,17 @@ from uniinst.engine.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from uniinst.engine.inference_model import inference_model
-from uniinst.data.source import TrainBatches, open_splits
 from uniinst.engine.hooks import HookBase, training_hooks
+from uniinst.engine.inference_model import inference_model
 from uniinst.engine.metrics import MetricsWriter
 from uniinst.engine.trainer import Trainer, format_progress
 from uniinst.evaluation.coco_eval import format_table
 from uniinst.evaluation.split_evaluator import SplitEvaluator
 from uniinst.modeling.sync_batchnorm import convert_sync_batchnorm, sync_batchnorm_parts
 from uniinst.modeling.uniinst import build_model
-from uniinst.ray.shard_split import open_split
 from uniinst.ray.input_errors import EndAtInputError, fit_raising_input_errors
 from uniinst.ray.prepare import connect, ray_executor
+from uniinst.ray.shard_split import open_split
 from uniinst.redact import redact_uri
 
 logger = logging.getLogger(__name__)
@@ -449,7 +449,8 @@ class _WorkerRun:
         self, trainer: Trainer, batches: TrainBatches, files: _RunFiles | None,
         evaluator: SplitEvaluator | None, *, rank: int, world: int, latest_val: dict[str, float],
     ) -> None:
-        self.trainer, self.cfg, self.batches, self.files, self.evaluator = trainer, trainer.cfg, batches, files, evaluator
+        self.trainer, self.cfg, self.batches = trainer, trainer.cfg, batches
+        self.files, self.evaluator = files, evaluator
         self.rank, self.world, self.first_iteration = rank, world, trainer.iteration
         self.latest_val = latest_val  # the last evaluation's val/* metrics, sent with every report
         self.pending: dict[str, float] = {}
@@ -461,7 +462,8 @@ class _WorkerRun:
 
     def log(self, it: int, m: dict[str, float]) -> None:
         step = m["data_time"] + m["step_time"]
-        m = {**m, "images_per_sec": m["images_per_sec"] * self.world, "data_wait_fraction": m["data_time"] / max(step, 1e-9)}
+        m = {**m, "images_per_sec": m["images_per_sec"] * self.world}
+        m["data_wait_fraction"] = m["data_time"] / max(step, 1e-9)
         self.pending.update({f"train/{k}": v for k, v in m.items()})
         if self.files is not None:
             self.files.writer.write(it, m, prefix="train/")

@@ -41,8 +41,8 @@ import ray
 from uniinst.config import ExperimentConfig, RayConfig
 from uniinst.data.shards import Manifest, ShardError, ShardInfo, read_manifest, shard_uris, verify_shard
 from uniinst.data.storage import filesystem_for
-from uniinst.data.transforms import TrainTransform
 from uniinst.data.stream_plan import SHUFFLE, StreamPlan, StreamPosition, shard_order, shuffle_buffer
+from uniinst.data.transforms import TrainTransform
 from uniinst.ray.data import (
     SAMPLE,
     SKIPPED,
@@ -51,10 +51,10 @@ from uniinst.ray.data import (
     StreamSample,
     Transform,
     carried_shard_error,
-    rows_of,
     collate_stream,
     decode_rows,
     read_shards,
+    rows_of,
 )
 from uniinst.redact import redact_uri
 from uniinst.structures import Batch
@@ -238,7 +238,8 @@ class TrainStream:
             seed=self.seed, epoch=epoch, only=decode, mask_stride=self.mask_stride,
         )
         decoded = decode_rows(ds, step, batch_size=self.options.decode_batch_size, placement=placement)
-        return decoded.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=self.options.prefetch_blocks)
+        prefetch = self.options.prefetch_blocks
+        return decoded.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch)
 
 
 def train_stream(
