@@ -74,8 +74,10 @@ def test_part_of_a_suite_keeps_the_named_variants_in_the_suite_order():
     assert part.variant_config("condinst").model.arch == "condinst"
     with pytest.raises(ConfigError, match=r"unknown variant\(s\) 'alpha_9'.*the suite has: uniinst, condinst, alpha_0"):
         load_suite(SUITES / "synth.yaml", variants=["uniinst", "alpha_9"])
-    with pytest.raises(ConfigError, match="baseline: unknown variant 'condinst'"):
-        load_suite(SUITES / "synth.yaml", variants=["uniinst", "alpha_0"])
+    table5 = load_suite(SUITES / "synth.yaml", variants=["no_3dmf_no_rerank", "uniinst"])
+    assert list(table5.variants) == ["uniinst", "no_3dmf_no_rerank"] and table5.baseline == "condinst"
+    with pytest.raises(ConfigError, match="must keep its reference variant 'uniinst'"):
+        load_suite(SUITES / "synth.yaml", variants=["condinst", "alpha_0"])
 
 
 def test_suite_round_trips_through_its_yaml(tmp_path):
@@ -197,6 +199,20 @@ def test_report_tables_and_verdicts_follow_the_rows():
     assert "| UniInst (one-to-one) `uniinst` | 31.5 ± 1.4 (38.5) | 31.0 ± 1.4 (38.3) | -0.5 ± 0.0 (-0.2) |" in text
     assert "| 0.9 | `uniinst` | 31.0 ± 1.4 (37.9) |" in text and "| 1 | `alpha_1` | 33.0 ± 0.0 (11.8) |" in text
     assert "**does not hold**" in text and "not measured" in text
+
+
+def test_a_part_without_the_baseline_reports_its_own_table_and_names_what_is_missing(tmp_path):
+    part = load_suite(SUITES / "synth.yaml", variants=["uniinst", "no_3dmf_no_rerank", "3dmf_only", "rerank_only"])
+    values = {("uniinst", "val", "none"): [12.0, 13.0], ("no_3dmf_no_rerank", "val", "none"): [11.0, 11.5],
+              ("3dmf_only", "val", "none"): [11.5, 12.5], ("rerank_only", "val", "none"): [11.0, 12.5]}
+    report = SuiteReport(part, _rows(values))
+    text = report.markdown()
+    claims = {(c.tag, c.text[:12]): c for c in report.claims()}
+    assert claims[("T5", "3DMF and re-")].holds is True  # +0.8 and +0.5 over none, both above each alone
+    assert claims[("T1", "the many-to-")].holds is None and "a run is missing" in claims[("T1", "the many-to-")].numbers
+    assert "| CondInst-style baseline (many-to-one) `condinst` | — | — | — | — |" in text
+    assert "| ✓ | ✓ | `uniinst` | 12.5 ± 0.7 (37.9) |" in text
+    assert len(report.plots(tmp_path)) == 3
 
 
 def test_a_suite_run_whose_rows_are_written_is_neither_trained_nor_scored_again(tmp_path):

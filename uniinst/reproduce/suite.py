@@ -189,7 +189,8 @@ def load_suite(
     """Read a suite YAML (with its ``base`` chain), apply dotted overrides of its scalar keys
     (``seeds=[0]``), add ``experiment_overrides`` to the file's (``data.train.shards=...``),
     set ``storage_path`` and ``name`` when given, keep only the named ``variants`` when given
-    (part of a suite, such as Table 1's two, on a smaller budget), and check it."""
+    (part of a suite, such as Table 5's four, on a smaller budget or with more seeds; it keeps the
+    reference, and the tables it lacks a variant for say so), and check it."""
     path = Path(path)
     data = read_yaml(path)
     splits, variants_in_file = data.pop("splits", None), data.pop("variants", None)
@@ -200,13 +201,18 @@ def load_suite(
         if not isinstance(splits, Mapping):
             raise ConfigError(f"splits: expected a mapping of split names, got {splits!r}")
         cfg.splits = {str(k): _split(str(k), v) for k, v in splits.items()}
-        cfg.variants = _only(_variants(variants_in_file), variants)
+        cfg.variants = _variants(variants_in_file)
         cfg.experiment_overrides = [*cfg.experiment_overrides, *experiment_overrides]
         if not cfg.experiment:
             raise ConfigError("'experiment' must name the experiment config the runs train")
         if experiment == cfg.experiment:
             cfg.experiment = str((path.parent / cfg.experiment).resolve())
         check_suite(cfg)
+        cfg.variants = _only(cfg.variants, variants)
+        if cfg.reference not in cfg.variants:
+            raise ConfigError(
+                f"a part of the suite must keep its reference variant {cfg.reference!r}: every table compares with it"
+            )
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return cfg
