@@ -35,16 +35,13 @@ from uniinst.data.synthetic import generate_synthetic_coco
 from uniinst.engine.inference_model import InferenceModel, load_model_for_inference
 from uniinst.evaluation.coco_eval import evaluate_segm
 from uniinst.evaluation.coco_results import instances_to_coco_results
+from uniinst.modeling.nms import mask_iou_matrix
 from uniinst.modeling.postprocess import paste_masks, top_candidates
 
 
-def mask_ious(masks: torch.Tensor, gt: np.ndarray) -> np.ndarray:
-    """The IoU ``[n, G]`` of each predicted mask ``[n, H, W]`` with each ground-truth mask ``[G, H, W]``."""
-    pred = masks.reshape(len(masks), -1).float()
-    true = torch.from_numpy(gt.reshape(len(gt), -1)).float()
-    inter = pred @ true.T
-    union = pred.sum(1, keepdim=True) + true.sum(1) - inter
-    return (inter / union.clamp(min=1)).numpy()
+def mask_ious(pred: torch.Tensor, gt: np.ndarray) -> torch.Tensor:
+    """IoU ``[n, G]`` of predicted masks ``[n, H, W]`` with ground-truth masks ``[G, H, W]``."""
+    return mask_iou_matrix(torch.cat([pred.bool(), torch.from_numpy(gt).bool()]))[: len(pred), len(pred) :]
 
 
 def class_agnostic_ap(gt_json: Path, results: list[dict]) -> float:
@@ -106,7 +103,7 @@ class RerankProbe:
         if len(gt) == 0 or len(masks) == 0:
             self.quality += [0.0] * len(masks)
             return
-        ious = mask_ious(masks, gt)
+        ious = mask_ious(masks, gt).numpy()
         self.quality += ious.max(axis=1).tolist()
         kept_scores, kept_labels = top[keep].numpy(), lab.numpy()
         for g, label in enumerate(gt_labels):

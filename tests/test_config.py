@@ -66,6 +66,10 @@ def test_cross_field_validation():
         load_config(None, ["model.oyor.alpha=1.5"])
     with pytest.raises(ConfigError, match="steps"):
         load_config(None, ["solver.steps=[20, 10]"])
+    with pytest.raises(ConfigError, match=r"data.synthetic_shapes: .*got \['circle', 'blob'\]"):
+        load_config(None, ["data.synthetic_shapes=[circle, blob]"])
+    with pytest.raises(ConfigError, match="data.synthetic_shapes: num_classes"):
+        load_config(None, ["data.synthetic=true", "model.num_classes=3", "data.synthetic_shapes=[circle, ring]"])
 
 
 def test_missing_base_file_and_round_trip(tmp_path):

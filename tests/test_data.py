@@ -518,6 +518,26 @@ def test_synthetic_is_deterministic(tmp_path):
         generate_synthetic_coco(tmp_path / "d", num_classes=9)
 
 
+def test_synthetic_classes_are_the_shapes_named_in_order(tmp_path):
+    paths = generate_synthetic_coco(
+        tmp_path, splits={"val": 6}, image_size=96, num_classes=2, shapes=("ring", "cross", "circle"),
+        min_instances=1, max_instances=1, seed=3,
+    )
+    ds = CocoDataset(paths["val"], tmp_path / "val")
+    assert ds.class_names == ["ring", "cross"]
+    for index in range(len(ds)):
+        record = ds.load(index)
+        (mask,), (label,) = record.masks, record.labels
+        rows, cols = np.nonzero(mask)
+        centre = mask[(rows.min() + rows.max()) // 2, (cols.min() + cols.max()) // 2]
+        # A ring's hole and a cross's arms: the centre of its box is empty for a ring only.
+        assert centre == (ds.class_names[label] == "cross")
+    with pytest.raises(ValueError, match="distinct names among circle"):
+        generate_synthetic_coco(tmp_path / "b", shapes=("circle", "blob"))
+    with pytest.raises(ValueError, match="num_classes must be between 1 and the 2 shapes"):
+        generate_synthetic_coco(tmp_path / "c", num_classes=3, shapes=("circle", "ring"))
+
+
 def test_synthetic_annotations_are_visible_disjoint_masks(tiny_synthetic):
     ds = CocoDataset(tiny_synthetic / "annotations" / "instances_train.json", tiny_synthetic / "train")
     assert ds.class_names == ["circle", "square", "triangle", "ellipse"] and ds.contiguous_to_cat_id == [1, 2, 3, 4]

@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 from uniinst.evaluation.coco_eval import METRIC_KEYS, evaluate_segm, format_table, write_report
 from uniinst.evaluation.coco_results import instances_to_coco_results, load_results, save_results
 from uniinst.structures import Instances
-from uniinst.visualize import draw_instances, enlarge, instance_color, save_visualization
+from uniinst.visualize import draw_instances, enlarge, instance_color, place_label, save_visualization
 
 CAT_IDS = [3, 7]  # contiguous label 0 -> category 3, 1 -> category 7
 COCO_TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_tiny"
@@ -244,6 +244,21 @@ def test_draw_instances_marks_only_the_masks():
     assert np.array_equal(out[0:10, 50:60], image[0:10, 50:60])
     assert not np.array_equal(out[30:42, 20:40], np.full((12, 20, 3), out[55, 40]))  # the label text
     assert np.array_equal(image, np.full((64, 64, 3), 100, dtype=np.uint8))  # input untouched
+
+
+def test_labels_of_masks_sharing_a_corner_are_stacked_not_overprinted():
+    assert place_label((10, 5, 60, 15), []) == (10, 5, 60, 15)
+    placed = [(10, 5, 60, 15), (0, 15, 30, 25)]
+    assert place_label((20, 8, 50, 18), placed) == (20, 25, 50, 35)  # below both, which it would cover
+    assert place_label((70, 5, 90, 15), placed) == (70, 5, 90, 15)  # beside them: stays
+    image = np.full((64, 96, 3), 100, dtype=np.uint8)
+    masks = torch.zeros(2, 64, 96, dtype=torch.bool)
+    masks[:, 20:60, 10:80] = True  # one shape found twice: both labels at (10, 20)
+    out = draw_instances(image, Instances(masks=masks, scores=torch.tensor([0.6, 0.5]), labels=torch.tensor([0, 1])),
+                         ["cat", "dog"])
+    black_rows = np.flatnonzero((out[:, 12] == 0).all(axis=1))
+    # Two label backgrounds one under the other (about 10 rows each), not one over the other.
+    assert 20 <= black_rows.min() <= 24 and black_rows.max() - black_rows.min() >= 16
 
 
 def test_save_visualization_writes_png(tmp_path):

@@ -34,13 +34,14 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from uniinst.data.synthetic import generate_synthetic_coco, occlusion_stats
+    from uniinst.data.synthetic import SHAPES, generate_synthetic_coco, occlusion_stats
 
     paths = generate_synthetic_coco(
         args.out,
         splits={"train": args.train, "val": args.val},
         image_size=args.size,
         num_classes=args.classes,
+        shapes=[name.strip() for name in args.shapes.split(",")] if args.shapes else SHAPES,
         occlusion=args.occlusion,
         seed=args.seed,
     )
@@ -426,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val", type=int, default=16, help="val images")
     s.add_argument("--size", type=int, default=256, help="image side in pixels")
     s.add_argument("--classes", type=int, default=4, help="number of shape classes (<= 8)")
+    s.add_argument(
+        "--shapes", metavar="NAME,NAME",
+        help="the class shapes in category order (default: circle,square,triangle,ellipse,star,ring,cross,hexagon)",
+    )
     s.add_argument("--occlusion", choices=["normal", "heavy"], default="normal")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_synth)

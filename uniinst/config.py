@@ -18,6 +18,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from uniinst.data.synthetic import SHAPES, check_shapes
 from uniinst.redact import has_credentials
 
 
@@ -172,6 +173,8 @@ class DataConfig:
     synthetic_train_images: int = 64
     synthetic_val_images: int = 16
     synthetic_image_size: int = 256
+    # The built-in data's class shapes in category order; model.num_classes takes the first.
+    synthetic_shapes: list[str] = field(default_factory=lambda: list(SHAPES))
 
 
 @dataclass
@@ -566,3 +569,7 @@ def validate(cfg: ExperimentConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    try:
+        check_shapes(cfg.data.synthetic_shapes, m.num_classes if cfg.data.synthetic else 1)
+    except ValueError as exc:
+        raise ConfigError(f"data.synthetic_shapes: {exc}") from None

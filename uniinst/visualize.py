@@ -68,11 +68,29 @@ def draw_instances(
     out = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default()
-    for x, y, text, color in labelled:
-        left, top, right, bottom = draw.textbbox((x, y), text, font=font)
-        draw.rectangle((left, top, right, bottom), fill=(0, 0, 0))
-        draw.text((x, y), text, fill=color, font=font)
+    placed: list[tuple[int, int, int, int]] = []
+    # The best-scored label takes its corner; one that would cover a placed label moves below it.
+    for x, y, text, color in reversed(labelled):
+        natural = draw.textbbox((x, y), text, font=font)
+        box = place_label(natural, placed)
+        placed.append(box)
+        draw.rectangle(box, fill=(0, 0, 0))
+        draw.text((x, y + box[1] - natural[1]), text, fill=color, font=font)
     return np.array(out)
+
+
+def place_label(
+    box: tuple[int, int, int, int], placed: Sequence[tuple[int, int, int, int]]
+) -> tuple[int, int, int, int]:
+    """``box`` (left, top, right, bottom) moved down, the least needed, until it overlaps none
+    of the ``placed`` boxes."""
+    left, top, right, bottom = box
+    height = bottom - top
+    while True:
+        hit = [b for b in placed if left < b[2] and b[0] < right and top < b[3] and b[1] < top + height]
+        if not hit:
+            return left, top, right, top + height
+        top = max(b[3] for b in hit)
 
 
 def enlarge(image: np.ndarray, instances: Instances, *, min_side: int) -> tuple[np.ndarray, Instances]:

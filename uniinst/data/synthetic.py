@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
@@ -36,12 +36,23 @@ _MIN_COLOUR_DISTANCE = 70.0
 _JPEG_QUALITY = 95
 
 
+def check_shapes(shapes: Sequence[str], num_classes: int) -> None:
+    """Raise ``ValueError`` unless ``shapes`` are distinct names of :data:`SHAPES`, at least
+    ``num_classes`` (>= 1) of them."""
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown or len(set(shapes)) != len(shapes):
+        raise ValueError(f"shapes must be distinct names among {', '.join(SHAPES)}, got {list(shapes)}")
+    if not 1 <= num_classes <= len(shapes):
+        raise ValueError(f"num_classes must be between 1 and the {len(shapes)} shapes given, got {num_classes}")
+
+
 def generate_synthetic_coco(
     out_dir: str | Path,
     *,
     splits: Mapping[str, int] = DEFAULT_SPLITS,
     image_size: int | tuple[int, int] = 256,
     num_classes: int = 4,
+    shapes: Sequence[str] = SHAPES,
     min_instances: int = 2,
     max_instances: int = 6,
     occlusion: str = "normal",
@@ -53,7 +64,9 @@ def generate_synthetic_coco(
         out_dir: output folder (created if needed).
         splits: number of images per split name.
         image_size: side of the square images, or their (height, width).
-        num_classes: how many of :data:`SHAPES` to use (1 to 8); category ``i + 1`` is ``SHAPES[i]``.
+        num_classes: how many classes: category ``i + 1`` is ``shapes[i]``.
+        shapes: the class shapes in category order, distinct names of :data:`SHAPES`; the
+            first ``num_classes`` are used.
         min_instances, max_instances: range of the number of shapes wanted per image; an image
             may end up with fewer when no valid placement is found for one.
         occlusion: ``"normal"`` (shapes placed independently) or ``"heavy"`` (most new shapes
@@ -66,8 +79,7 @@ def generate_synthetic_coco(
     height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if height < 32 or width < 32:
         raise ValueError(f"image_size must be at least 32 pixels per side, got {image_size!r}")
-    if not 1 <= num_classes <= len(SHAPES):
-        raise ValueError(f"num_classes must be between 1 and {len(SHAPES)}, got {num_classes}")
+    check_shapes(shapes, num_classes)
     if not 1 <= min_instances <= max_instances:
         raise ValueError(f"need 1 <= min_instances <= max_instances, got {min_instances}, {max_instances}")
     if occlusion not in OCCLUSION_MODES:
@@ -80,7 +92,8 @@ def generate_synthetic_coco(
 
     out_dir = Path(out_dir)
     (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
-    categories = [{"id": i + 1, "name": SHAPES[i]} for i in range(num_classes)]
+    classes = tuple(shapes[:num_classes])
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(classes)]
     json_paths = {}
     for split, count in splits.items():
         image_dir = out_dir / split
@@ -90,7 +103,7 @@ def generate_synthetic_coco(
             # Each image has its own generator, so images do not depend on the split sizes.
             rng = np.random.default_rng((seed, zlib.crc32(split.encode("utf-8")), index))
             pixels, instances = _render_image(
-                rng, height, width, num_classes, min_instances, max_instances, heavy=occlusion == "heavy"
+                rng, height, width, classes, min_instances, max_instances, heavy=occlusion == "heavy"
             )
             image_id = index + 1
             file_name = f"{image_id:06d}.jpg"
@@ -231,7 +244,7 @@ def _render_image(
     rng: np.random.Generator,
     height: int,
     width: int,
-    num_classes: int,
+    classes: tuple[str, ...],
     min_instances: int,
     max_instances: int,
     *,
@@ -252,7 +265,7 @@ def _render_image(
     for _ in range(wanted * _PLACEMENT_TRIES):
         if len(labels) == wanted:
             break
-        label = int(rng.integers(num_classes))
+        label = int(rng.integers(len(classes)))
         angle = float(rng.uniform(0.0, 2.0 * np.pi))
         if heavy and labels and rng.random() < _HEAVY_STACK_PROB:
             # Stack the new shape on an existing one with a similar size and a small offset.
@@ -262,7 +275,7 @@ def _render_image(
         else:
             radius = side * float(rng.uniform(0.08, 0.22))
             center = rng.uniform([0.5 * radius, 0.5 * radius], [width - 0.5 * radius, height - 0.5 * radius])
-        mask = _rasterise(SHAPES[label], center, radius, angle, height, width)
+        mask = _rasterise(classes[label], center, radius, angle, height, width)
         area = int(mask.sum())
         if area < _MIN_VISIBLE_PIXELS:
             continue

@@ -59,6 +59,7 @@ def with_synthetic_data(cfg: ExperimentConfig) -> ExperimentConfig:
             splits=splits,
             image_size=d.synthetic_image_size,
             num_classes=cfg.model.num_classes,
+            shapes=d.synthetic_shapes,
             seed=cfg.train.seed,
         )
     return apply_values(cfg, {

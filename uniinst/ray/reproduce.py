@@ -93,7 +93,8 @@ def prepare_splits(suite: SuiteConfig, uri: str, experiment: ExperimentConfig) -
                 logger.info("generating the split %s (%d images, %s occlusion)", name, s.images, s.occlusion)
                 paths = generate_synthetic_coco(
                     tmp, splits={name: s.images}, image_size=s.image_size or experiment.data.synthetic_image_size,
-                    num_classes=experiment.model.num_classes, occlusion=s.occlusion, seed=s.seed,
+                    num_classes=experiment.model.num_classes, shapes=experiment.data.synthetic_shapes,
+                    occlusion=s.occlusion, seed=s.seed,
                 )
                 prepare_dataset(
                     str(paths[name]), str(Path(tmp) / name), target, images_per_shard=16,

@@ -210,6 +210,7 @@ def prepare_run_data(
                     splits={"train": d.synthetic_train_images, "val": d.synthetic_val_images},
                     image_size=d.synthetic_image_size,
                     num_classes=cfg.model.num_classes,
+                    shapes=d.synthetic_shapes,
                     seed=cfg.train.seed,
                 )
                 for split in missing:
