@@ -15,7 +15,14 @@ from pycocotools.coco import COCO
 from uniinst.evaluation.coco_eval import METRIC_KEYS, evaluate_segm, format_table, write_report
 from uniinst.evaluation.coco_results import instances_to_coco_results, load_results, save_results
 from uniinst.structures import Instances
-from uniinst.visualize import draw_instances, enlarge, instance_color, place_label, save_visualization
+from uniinst.visualize import (
+    draw_instances,
+    enlarge,
+    instance_color,
+    place_label,
+    same_mask_groups,
+    save_visualization,
+)
 
 CAT_IDS = [3, 7]  # contiguous label 0 -> category 3, 1 -> category 7
 COCO_TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_tiny"
@@ -252,13 +259,23 @@ def test_labels_of_masks_sharing_a_corner_are_stacked_not_overprinted():
     assert place_label((20, 8, 50, 18), placed) == (20, 25, 50, 35)  # below both, which it would cover
     assert place_label((70, 5, 90, 15), placed) == (70, 5, 90, 15)  # beside them: stays
     image = np.full((64, 96, 3), 100, dtype=np.uint8)
-    masks = torch.zeros(2, 64, 96, dtype=torch.bool)
-    masks[:, 20:60, 10:80] = True  # one shape found twice: both labels at (10, 20)
-    out = draw_instances(image, Instances(masks=masks, scores=torch.tensor([0.6, 0.5]), labels=torch.tensor([0, 1])),
-                         ["cat", "dog"])
+    masks = torch.zeros(3, 64, 96, dtype=torch.bool)
+    masks[0, 20:60, 10:80] = True
+    masks[1, 20:40, 10:50] = True  # another mask with the same top-left corner: labels at (10, 20)
+    masks[2] = masks[0]  # the first mask's location scored for a second class
+    inst = Instances(masks=masks, scores=torch.tensor([0.6, 0.5, 0.4]), labels=torch.tensor([0, 1, 1]))
+    assert same_mask_groups(masks.numpy(), inst.scores.numpy(), 0.3) == [[1], [0, 2]]
+    out = draw_instances(image, inst, ["cat", "dog"])
     black_rows = np.flatnonzero((out[:, 12] == 0).all(axis=1))
-    # Two label backgrounds one under the other (about 10 rows each), not one over the other.
-    assert 20 <= black_rows.min() <= 24 and black_rows.max() - black_rows.min() >= 16
+    # Two label backgrounds one under the other (about 10 rows each), not three, nor overprinted.
+    assert 20 <= black_rows.min() <= 24 and 16 <= black_rows.max() - black_rows.min() <= 24
+    alone = draw_instances(image, Instances(masks=masks, scores=torch.tensor([0.6, 0.5, 0.2]), labels=inst.labels),
+                           ["cat", "dog"])
+
+    def top_label_width(drawn: np.ndarray) -> int:
+        return int((drawn[20:32] == 0).all(axis=2).sum(axis=1).max())
+
+    assert top_label_width(out) >= top_label_width(alone) + 20  # "cat 0.60 / dog 0.40" against "cat 0.60"
 
 
 def test_save_visualization_writes_png(tmp_path):

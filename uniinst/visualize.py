@@ -40,7 +40,9 @@ def draw_instances(
     """A copy of ``image`` (uint8 ``[H, W, 3]``) with every instance scoring at least
     ``score_thresh`` drawn on it: its mask blended with weight ``alpha`` in its own colour, its
     contour outlined, and ``"name score"`` written at the mask's top-left corner. Lower-scored
-    instances are drawn first, so the best ones end up on top."""
+    instances are drawn first, so the best ones end up on top. Instances with the same mask
+    (one location scored for several classes) are drawn once, labelled with each class and
+    score, best first: ``"triangle 0.34 / cross 0.33"``."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
     masks = instances.masks.detach().cpu().bool().numpy()
@@ -54,29 +56,41 @@ def draw_instances(
 
     canvas = image.astype(np.float32)
     labelled = []
-    for i in sorted(np.flatnonzero(scores >= score_thresh), key=lambda i: scores[i]):
-        mask = masks[i]
-        if not mask.any():
-            continue
+    for group in same_mask_groups(masks, scores, score_thresh):
+        i, mask = group[0], masks[group[0]]
         color = np.array(instance_color(int(i)), dtype=np.float32)
         canvas[mask] = (1 - alpha) * canvas[mask] + alpha * color
         canvas[_contour(mask)] = color
         ys, xs = np.nonzero(mask)
-        text = f"{class_names[labels[i]]} {scores[i]:.2f}"
+        text = " / ".join(f"{class_names[labels[j]]} {scores[j]:.2f}" for j in group)
         labelled.append((int(xs.min()), int(ys.min()), text, instance_color(int(i))))
-
     out = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8))
+    _draw_labels(out, labelled)
+    return np.array(out)
+
+
+def same_mask_groups(masks: np.ndarray, scores: np.ndarray, score_thresh: float) -> list[list[int]]:
+    """The indices of the non-empty masks scoring at least ``score_thresh``, grouped by equal
+    masks: each group best score first, the groups in ascending order of their best score."""
+    groups: dict[bytes, list[int]] = {}
+    for i in sorted(np.flatnonzero(scores >= score_thresh), key=lambda i: -scores[i]):
+        if masks[i].any():
+            groups.setdefault(np.packbits(masks[i]).tobytes(), []).append(int(i))
+    return sorted(groups.values(), key=lambda g: scores[g[0]])
+
+
+def _draw_labels(out: Image.Image, labelled: Sequence[tuple[int, int, str, tuple[int, int, int]]]) -> None:
+    """Write each ``(x, y, text, colour)`` on a black box; the best-scored (last) label takes its
+    corner, and one that would cover a label already placed moves below it."""
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default()
     placed: list[tuple[int, int, int, int]] = []
-    # The best-scored label takes its corner; one that would cover a placed label moves below it.
     for x, y, text, color in reversed(labelled):
         natural = draw.textbbox((x, y), text, font=font)
         box = place_label(natural, placed)
         placed.append(box)
         draw.rectangle(box, fill=(0, 0, 0))
         draw.text((x, y + box[1] - natural[1]), text, fill=color, font=font)
-    return np.array(out)
 
 
 def place_label(
