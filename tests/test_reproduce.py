@@ -19,7 +19,7 @@ from conftest import CONFIGS, TINY_SYNTHETIC
 from uniinst.cli import main as cli_main
 from uniinst.config import ConfigError
 from uniinst.evaluation.uniqueness import duplicates_per_instance, suppressed_count
-from uniinst.reproduce.report import SuiteReport, variant_roles
+from uniinst.reproduce.report import Bound, SuiteReport, variant_roles
 from uniinst.reproduce.suite import load_suite, suite_to_dict, variant_names
 
 pytestmark = pytest.mark.timeout(900)
@@ -68,14 +68,17 @@ def test_shipped_suites_load_and_place_every_variant():
     assert trained.data.train.shards.startswith("s3://")
 
 
-def test_part_of_a_suite_keeps_the_named_variants_in_the_suite_order():
+def test_part_of_a_suite_keeps_the_named_variants_in_the_suite_order(tmp_path):
     part = load_suite(SUITES / "synth.yaml", variants=variant_names("condinst, uniinst"))
     assert list(part.variants) == ["uniinst", "condinst"]
     assert part.variant_config("condinst").model.arch == "condinst"
     with pytest.raises(ConfigError, match=r"unknown variant\(s\) 'alpha_9'.*the suite has: uniinst, condinst, alpha_0"):
         load_suite(SUITES / "synth.yaml", variants=["uniinst", "alpha_9"])
     table5 = load_suite(SUITES / "synth.yaml", variants=["no_3dmf_no_rerank", "uniinst"])
-    assert list(table5.variants) == ["uniinst", "no_3dmf_no_rerank"] and table5.baseline == "condinst"
+    assert list(table5.variants) == ["uniinst", "no_3dmf_no_rerank"] and table5.baseline == ""
+    written = tmp_path / "suite.yaml"  # what a run of the part writes down loads again as it ran
+    written.write_text(yaml.safe_dump(suite_to_dict(table5), sort_keys=False))
+    assert load_suite(written) == table5
     with pytest.raises(ConfigError, match="must keep its reference variant 'uniinst'"):
         load_suite(SUITES / "synth.yaml", variants=["condinst", "alpha_0"])
 
@@ -199,6 +202,13 @@ def test_report_tables_and_verdicts_follow_the_rows():
     assert "| UniInst (one-to-one) `uniinst` | 31.5 ± 1.4 (38.5) | 31.0 ± 1.4 (38.3) | -0.5 ± 0.0 (-0.2) |" in text
     assert "| 0.9 | `uniinst` | 31.0 ± 1.4 (37.9) |" in text and "| 1 | `alpha_1` | 33.0 ± 0.0 (11.8) |" in text
     assert "**does not hold**" in text and "not measured" in text
+    # Over 2 seeds the 95 % interval is ±12.7 standard errors (std / √2): T1b's -7.5 ± 0.7 (2.5 from
+    # its bound) and T6's +1.5 ± 0.7 lie inside; T1a's and T7's differences do not vary.
+    assert t1_uniinst.within_noise == () and t7.within_noise == ()
+    assert t1_baseline.within_noise == ("w/o − w/ NMS",) and t6.within_noise == ("with − without",)
+    assert "**holds**, inside the seeds' noise (with − without: the bound lies in its 95 % confidence" in text
+    # Over 4 seeds, ±3.18 standard errors: +1.4 ± 0.3 is outside, +0.3 ± 0.6 inside.
+    assert not Bound(0.0).within_noise([1.0, 2.0, 1.5, 1.2]) and Bound(0.0).within_noise([0.5, -0.2, 1.0, -0.1])
 
 
 def test_a_part_without_the_baseline_reports_its_own_table_and_names_what_is_missing(tmp_path):
@@ -208,9 +218,12 @@ def test_a_part_without_the_baseline_reports_its_own_table_and_names_what_is_mis
     report = SuiteReport(part, _rows(values))
     text = report.markdown()
     claims = {(c.tag, c.text[:12]): c for c in report.claims()}
-    assert claims[("T5", "3DMF and re-")].holds is True  # +0.8 and +0.5 over none, both above each alone
+    t5 = claims[("T5", "3DMF and re-")]
+    assert t5.holds is True  # +0.8 and +0.5 over none, both above each alone
+    # Only both − 3DMF (+0.5 in both seeds) is outside its 95 % interval around 0.
+    assert t5.within_noise == ("3DMF − none", "re-ranking − none", "both − re-ranking")
     assert claims[("T1", "the many-to-")].holds is None and "a run is missing" in claims[("T1", "the many-to-")].numbers
-    assert "| CondInst-style baseline (many-to-one) `condinst` | — | — | — | — |" in text
+    assert "| CondInst-style baseline (many-to-one) (not in this suite) | — | — | — | — |" in text
     assert "| ✓ | ✓ | `uniinst` | 12.5 ± 0.7 (37.9) |" in text
     assert len(report.plots(tmp_path)) == 3
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from scipy.stats import t as t_dist
 
 from uniinst.config import to_dict
 from uniinst.reproduce.suite import SuiteConfig
@@ -113,6 +115,10 @@ def cell(values: Sequence[float], paper: float | None = None, digits: int = 1) -
     return f"{text} ({paper:.1f})" if paper is not None else text
 
 
+def _named(variant: str) -> str:
+    return f"`{variant}`" if variant else "(not in this suite)"
+
+
 def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
@@ -125,16 +131,45 @@ def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
 @dataclass(frozen=True)
 class Claim:
     """One of the paper's claims, checked on the rows: ``holds`` is None when a run it needs
-    is missing."""
+    is missing; ``within_noise`` names the differences whose 95 % confidence interval over the
+    seeds (Student's t) holds the claim's bound, so that more seeds could turn the verdict."""
 
     tag: str
     text: str
     holds: bool | None
     numbers: str
+    within_noise: tuple[str, ...] = ()
 
     def line(self) -> str:
         verdict = {True: "**holds**", False: "**does not hold**", None: "not measured"}[self.holds]
+        if self.within_noise:
+            noisy = ", ".join(self.within_noise)
+            verdict += f", inside the seeds' noise ({noisy}: the bound lies in its 95 % confidence interval)"
         return f"- ({self.tag}) {self.text}: {verdict}. {self.numbers}"
+
+
+@dataclass(frozen=True)
+class Bound:
+    """What a paired difference's mean must be for a claim to hold: above ``value`` or below it
+    (or equal to it, when ``inclusive``)."""
+
+    value: float
+    above: bool = True
+    inclusive: bool = False
+
+    def passes(self, mean: float) -> bool:
+        if self.inclusive and mean == self.value:
+            return True
+        return mean > self.value if self.above else mean < self.value
+
+    def within_noise(self, diffs: Sequence[float]) -> bool:
+        """Whether the bound lies in the 95 % confidence interval of the mean of ``diffs``
+        (Student's t over the seeds; two seeds or more). With two seeds the interval is
+        ±12.7 standard errors: two seeds rarely settle a difference."""
+        if len(diffs) < 2:
+            return False
+        mean, std = mean_std(diffs)
+        return abs(mean - self.value) < t_dist.ppf(0.975, len(diffs) - 1) * std / math.sqrt(len(diffs))
 
 
 def paired(a: Mapping[int, float], b: Mapping[int, float]) -> list[float]:
@@ -148,18 +183,19 @@ def _diff_text(name: str, diffs: Sequence[float]) -> str:
 
 
 def _compare(
-    tag: str, text: str, pairs: Sequence[tuple[str, Mapping[int, float], Mapping[int, float]]],
-    test: Callable[[float], bool],
+    tag: str, text: str, pairs: Sequence[tuple[str, Mapping[int, float], Mapping[int, float]]], bound: Bound,
 ) -> Claim:
-    """A claim that holds when every named paired difference's mean passes ``test``."""
-    parts, verdicts = [], []
+    """A claim that holds when every named paired difference's mean passes ``bound``."""
+    parts, verdicts, noisy = [], [], []
     for name, a, b in pairs:
         diffs = paired(a, b)
         if not diffs:
             return Claim(tag, text, None, f"{name}: a run is missing")
         parts.append(_diff_text(name, diffs))
-        verdicts.append(test(statistics.fmean(diffs)))
-    return Claim(tag, text, all(verdicts), "; ".join(parts) + ".")
+        verdicts.append(bound.passes(statistics.fmean(diffs)))
+        if bound.within_noise(diffs):
+            noisy.append(name)
+    return Claim(tag, text, all(verdicts), "; ".join(parts) + ".", tuple(noisy))
 
 
 class SuiteReport:
@@ -189,7 +225,7 @@ class SuiteReport:
         return next((v for v in self._with("6") if self.roles[v].settings[_AUX] == enabled), None)
 
     def ap(self, variant: str | None, nms: str = "none", split: str | None = None, key: str = "AP") -> dict[int, float]:
-        return {} if variant is None else self.rows.values(variant, split or self.main, nms, key)
+        return self.rows.values(variant, split or self.main, nms, key) if variant else {}
 
     # tables
     def table1(self) -> list[str]:
@@ -200,7 +236,7 @@ class SuiteReport:
         ):
             with_nms, without = self.ap(variant, self.nms_mode), self.ap(variant, "none")
             body.append([
-                f"{label} `{variant}`", cell(list(with_nms.values()), paper["mask"]),
+                f"{label} {_named(variant)}", cell(list(with_nms.values()), paper["mask"]),
                 cell(list(without.values()), paper["none"]),
                 cell(paired(without, with_nms), paper["none"] - paper["mask"]),
                 cell(list(self.ap(variant, "none", key="duplicates_per_gt").values()), digits=2),
@@ -240,7 +276,7 @@ class SuiteReport:
             ("UniInst w/o NMS", self.suite.reference, "none", PAPER_T7["uniinst"]),
             (f"baseline w/ {self.nms_mode} NMS", self.suite.baseline, self.nms_mode, PAPER_T7["baseline"]),
         ):
-            body.append([label, f"`{variant}`"] + [
+            body.append([label, _named(variant)] + [
                 cell(list(self.ap(variant, nms, self.heavy, key).values()), paper if key == "AP" else None)
                 for key in ("AP", "AP50", "AP75", "AR100")
             ])
@@ -261,16 +297,16 @@ class SuiteReport:
         ref, base, mode = self.suite.reference, self.suite.baseline, self.nms_mode
         t1a = _compare(
             "T1", f"UniInst without NMS is within 1 AP of itself with {mode} NMS (paper: −0.2)",
-            [("w/o − w/ NMS", self.ap(ref), self.ap(ref, mode))], lambda d: d >= -1.0,
+            [("w/o − w/ NMS", self.ap(ref), self.ap(ref, mode))], Bound(-1.0, inclusive=True),
         )
         t1b = _compare(
             "T1", "the many-to-one baseline loses at least 5 AP without NMS (paper: −19.4)",
-            [("w/o − w/ NMS", self.ap(base), self.ap(base, mode))], lambda d: d <= -5.0,
+            [("w/o − w/ NMS", self.ap(base), self.ap(base, mode))], Bound(-5.0, above=False, inclusive=True),
         )
         t4 = _compare(
             "T4", "α = 0.9 is above α = 0 and α = 1 (paper: 37.9 against 33.5 and 11.8)",
             [("α 0.9 − α 0", self.ap(self._alpha(0.9)), self.ap(self._alpha(0.0))),
-             ("α 0.9 − α 1", self.ap(self._alpha(0.9)), self.ap(self._alpha(1.0)))], lambda d: d > 0,
+             ("α 0.9 − α 1", self.ap(self._alpha(0.9)), self.ap(self._alpha(1.0)))], Bound(0.0),
         )
         t5 = _compare(
             "T5", "3DMF and re-ranking each add (paper: +0.8 and +1.2 alone, +2.3 together)",
@@ -278,11 +314,11 @@ class SuiteReport:
              ("re-ranking − none", self.ap(self._table5(False, True)), self.ap(self._table5(False, False))),
              ("both − 3DMF", self.ap(self._table5(True, True)), self.ap(self._table5(True, False))),
              ("both − re-ranking", self.ap(self._table5(True, True)), self.ap(self._table5(False, True)))],
-            lambda d: d > 0,
+            Bound(0.0),
         )
         t6 = _compare(
             "T6", "the auxiliary loss adds (paper: +0.8)",
-            [("with − without", self.ap(self._aux(True)), self.ap(self._aux(False)))], lambda d: d > 0,
+            [("with − without", self.ap(self._aux(True)), self.ap(self._aux(False)))], Bound(0.0),
         )
         claims = [t1a, t1b, t4, t5, t6]
         if self.heavy:
@@ -290,7 +326,7 @@ class SuiteReport:
                 "T7", f"under heavy occlusion UniInst without NMS is above the baseline with {mode} NMS "
                 "(paper, OCHuman: 40.2 against 31.8)",
                 [("UniInst w/o − baseline w/", self.ap(ref, "none", self.heavy), self.ap(base, mode, self.heavy))],
-                lambda d: d > 0,
+                Bound(0.0),
             ))
         return claims
 

@@ -11,7 +11,7 @@ overrides of that experiment), the **seeds** every variant is trained with, the
     seeds: [0, 1]
     nms: [none, mask]
     reference: uniinst                         # the paper's UniInst
-    baseline: condinst                         # the many-to-one baseline
+    baseline: condinst                         # the many-to-one baseline ("": none, no Tables 1, 7)
     main_split: val                            # Tables 1 and 4-6
     occlusion_split: heavy                     # Table 7
     splits:
@@ -164,6 +164,8 @@ def check_suite(cfg: SuiteConfig) -> None:
     archs = {name: cfg.variant_config(name).model.arch for name in cfg.variants}
     for key, arch in (("reference", "uniinst"), ("baseline", "condinst")):
         name = getattr(cfg, key)
+        if key == "baseline" and not name:
+            continue
         if name not in archs:
             raise ConfigError(f"{key}: unknown variant {name!r} (the suite has: {', '.join(archs)})")
         if archs[name] != arch:
@@ -190,7 +192,8 @@ def load_suite(
     (``seeds=[0]``), add ``experiment_overrides`` to the file's (``data.train.shards=...``),
     set ``storage_path`` and ``name`` when given, keep only the named ``variants`` when given
     (part of a suite, such as Table 5's four, on a smaller budget or with more seeds; it keeps the
-    reference, and the tables it lacks a variant for say so), and check it."""
+    reference, has no baseline unless it names it, and the tables it lacks a variant for say
+    so), and check it."""
     path = Path(path)
     data = read_yaml(path)
     splits, variants_in_file = data.pop("splits", None), data.pop("variants", None)
@@ -213,6 +216,8 @@ def load_suite(
             raise ConfigError(
                 f"a part of the suite must keep its reference variant {cfg.reference!r}: every table compares with it"
             )
+        if cfg.baseline not in cfg.variants:
+            cfg.baseline = ""  # a part without it: the suite it writes down loads again as it ran
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return cfg
