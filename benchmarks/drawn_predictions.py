@@ -26,15 +26,10 @@ from uniinst.data.coco import CocoDataset
 from uniinst.data.dataset import InstanceSegDataset, build_eval_loader
 from uniinst.data.synthetic import generate_synthetic_coco
 from uniinst.engine.inference_model import InferenceModel, load_model_for_inference
-from uniinst.modeling.nms import mask_iou_matrix
+from uniinst.modeling.nms import mask_ious
 from uniinst.structures import Instances
 
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
-
-
-def mask_ious(pred: torch.Tensor, gt: np.ndarray) -> torch.Tensor:
-    """IoU ``[n, G]`` of predicted masks ``[n, H, W]`` with ground-truth masks ``[G, H, W]``."""
-    return mask_iou_matrix(torch.cat([pred.bool(), torch.from_numpy(gt).bool()]))[: len(pred), len(pred) :]
 
 
 def size_name(area: float) -> str:
@@ -62,7 +57,7 @@ class DrawingTally:
             self.scores += inst.scores.tolist()
             self.matched += [False] * len(inst)
             return
-        ious = mask_ious(inst.masks, gt)
+        ious = mask_ious(inst.masks, torch.from_numpy(gt))
         for g, label in enumerate(gt_labels):
             hits = torch.nonzero(ious[:, g] > 0.5).squeeze(1)
             if len(hits):

@@ -3,8 +3,9 @@
 For each UniInst checkpoint, scores fresh synthetic val images twice: with the spec's score
 σ(cls)·σ(filter)·clamp(iou_pred, 0, 1) and with σ(cls)·σ(filter) alone, so that the
 difference is the ranking by predicted mask IoU and nothing the head's training changed in the
-shared tower; both also with every class taken as one (class-agnostic AP). For the kept predictions of the full score it also reports how well each factor
-ranks the predicted masks by their real quality, the mask IoU with the best-overlapping
+shared tower; both also with every class taken as one (class-agnostic AP). For the kept
+predictions of the full score it also reports how well each factor ranks the predicted masks
+by their real quality, the mask IoU with the best-overlapping
 ground-truth instance (Spearman's ρ; also in the top tenth by σ(cls)·σ(filter)), the mean
 |iou_pred − IoU|, and the median over instances of the score of an instance's second-best
 same-class prediction (IoU >= 0.5) over its best's.
@@ -35,13 +36,8 @@ from uniinst.data.synthetic import generate_synthetic_coco
 from uniinst.engine.inference_model import InferenceModel, load_model_for_inference
 from uniinst.evaluation.coco_eval import evaluate_segm
 from uniinst.evaluation.coco_results import instances_to_coco_results
-from uniinst.modeling.nms import mask_iou_matrix
+from uniinst.modeling.nms import mask_ious
 from uniinst.modeling.postprocess import paste_masks, top_candidates
-
-
-def mask_ious(pred: torch.Tensor, gt: np.ndarray) -> torch.Tensor:
-    """IoU ``[n, G]`` of predicted masks ``[n, H, W]`` with ground-truth masks ``[G, H, W]``."""
-    return mask_iou_matrix(torch.cat([pred.bool(), torch.from_numpy(gt).bool()]))[: len(pred), len(pred) :]
 
 
 def class_agnostic_ap(gt_json: Path, results: list[dict]) -> float:
@@ -81,13 +77,13 @@ class RerankProbe:
                 found = self.model.postprocess(scored, mask_feats, sizes, batch.image_sizes, batch.orig_sizes)
                 for image_id, inst in zip(batch.image_ids, found):
                     self.results[name].extend(instances_to_coco_results(inst, image_id, self.loaded.category_ids))
+            scores = self.model.scores(out)
             for b in range(len(batch)):
                 record = dataset.load(start + b)
-                self._collect(out, mask_feats, sizes, batch, b, record.masks, record.labels)
+                self._collect(scores[b], out, mask_feats, sizes, batch, b, record.masks, record.labels)
 
-    def _collect(self, out, mask_feats, sizes, batch, b: int, gt: np.ndarray, gt_labels: np.ndarray) -> None:
+    def _collect(self, scores, out, mask_feats, sizes, batch, b: int, gt: np.ndarray, gt_labels: np.ndarray) -> None:
         m = self.model
-        scores = m.scores(out)[b]
         loc_idx, labels, top = top_candidates(
             list(scores.split(sizes)), topk_per_level=m.topk_per_level, max_detections=m.max_detections
         )
@@ -103,7 +99,7 @@ class RerankProbe:
         if len(gt) == 0 or len(masks) == 0:
             self.quality += [0.0] * len(masks)
             return
-        ious = mask_ious(masks, gt).numpy()
+        ious = mask_ious(masks, torch.from_numpy(gt)).numpy()
         self.quality += ious.max(axis=1).tolist()
         kept_scores, kept_labels = top[keep].numpy(), lab.numpy()
         for g, label in enumerate(gt_labels):

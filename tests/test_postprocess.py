@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from uniinst.modeling import nms as nms_module
-from uniinst.modeling.nms import mask_iou_matrix, mask_nms, matrix_nms
+from uniinst.modeling.nms import mask_iou_matrix, mask_ious, mask_nms, matrix_nms
 from uniinst.modeling.postprocess import masks_to_boxes, paste_masks, select_top_locations
 
 
@@ -128,6 +128,9 @@ def test_mask_iou_matrix_matches_pairwise_and_chunks(monkeypatch):
     assert torch.allclose(mask_iou_matrix(masks), ref, atol=1e-6)
     monkeypatch.setattr(nms_module, "_IOU_CHUNK_PIXELS", 7)
     assert torch.allclose(mask_iou_matrix(masks), ref, atol=1e-6)
+    assert torch.allclose(mask_ious(masks[:5], masks[5:]), ref[:5, 5:], atol=1e-6)  # two sets: [5, 7]
+    with pytest.raises(ValueError, match="cannot be compared"):
+        mask_ious(masks, masks[:, :-1])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -20,7 +20,7 @@ from uniinst.cli import main as cli_main
 from uniinst.config import ConfigError
 from uniinst.evaluation.uniqueness import duplicates_per_instance, suppressed_count
 from uniinst.reproduce.report import Bound, SuiteReport, variant_roles
-from uniinst.reproduce.suite import load_suite, suite_to_dict, variant_names
+from uniinst.reproduce.suite import load_suite, suite_to_dict, comma_names
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -69,7 +69,7 @@ def test_shipped_suites_load_and_place_every_variant():
 
 
 def test_part_of_a_suite_keeps_the_named_variants_in_the_suite_order(tmp_path):
-    part = load_suite(SUITES / "synth.yaml", variants=variant_names("condinst, uniinst"))
+    part = load_suite(SUITES / "synth.yaml", variants=comma_names("condinst, uniinst"))
     assert list(part.variants) == ["uniinst", "condinst"]
     assert part.variant_config("condinst").model.arch == "condinst"
     with pytest.raises(ConfigError, match=r"unknown variant\(s\) 'alpha_9'.*the suite has: uniinst, condinst, alpha_0"):

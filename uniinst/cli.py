@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from uniinst.redact import Redactor, credentials_in, redact_uri
-from uniinst.reproduce.suite import SuiteConfig, load_suite, variant_names
+from uniinst.reproduce.suite import SuiteConfig, comma_names, load_suite
 
 if TYPE_CHECKING:
     from uniinst.config import ExperimentConfig
@@ -41,7 +41,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         splits={"train": args.train, "val": args.val},
         image_size=args.size,
         num_classes=args.classes,
-        shapes=[name.strip() for name in args.shapes.split(",")] if args.shapes else SHAPES,
+        shapes=args.shapes or SHAPES,
         occlusion=args.occlusion,
         seed=args.seed,
     )
@@ -130,7 +130,7 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the interrupted suite in --out")
     parser.add_argument("--storage-path", help="where suites live when --out is not given (storage_path)")
     parser.add_argument(
-        "--variants", type=variant_names, default=[], metavar="NAME,NAME",
+        "--variants", type=comma_names, default=[], metavar="NAME,NAME",
         help="run only these variants of the suite (for example uniinst,condinst: Table 1)",
     )
     parser.add_argument(
@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=256, help="image side in pixels")
     s.add_argument("--classes", type=int, default=4, help="number of shape classes (<= 8)")
     s.add_argument(
-        "--shapes", metavar="NAME,NAME",
+        "--shapes", type=comma_names, default=[], metavar="NAME,NAME",
         help="the class shapes in category order (default: circle,square,triangle,ellipse,star,ring,cross,hexagon)",
     )
     s.add_argument("--occlusion", choices=["normal", "heavy"], default="normal")

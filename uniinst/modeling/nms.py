@@ -10,21 +10,29 @@ _IOU_CHUNK_PIXELS = 1 << 20
 
 
 def mask_iou_matrix(masks: Tensor) -> Tensor:
-    """Pairwise IoU ``[n, n]`` of bool masks ``[n, H, W]``; two empty masks have IoU 0.
+    """Pairwise IoU ``[n, n]`` of bool masks ``[n, H, W]``; two empty masks have IoU 0."""
+    return mask_ious(masks, masks)
+
+
+def mask_ious(a: Tensor, b: Tensor) -> Tensor:
+    """IoU ``[n, m]`` of each bool mask of ``a`` ``[n, H, W]`` with each of ``b`` ``[m, H, W]``;
+    two empty masks have IoU 0.
 
     Intersections come from matmuls of the flattened masks over pixel chunks, each exact in
     float32, accumulated in float64 so large masks still count exactly.
     """
-    if masks.dim() != 3:
-        raise ValueError(f"masks must be [n, H, W], got {tuple(masks.shape)}")
-    n = masks.shape[0]
-    flat = masks.reshape(n, -1).bool()
-    inter = torch.zeros((n, n), dtype=torch.float64, device=masks.device)
-    for start in range(0, flat.shape[1], _IOU_CHUNK_PIXELS):
-        part = flat[:, start : start + _IOU_CHUNK_PIXELS].float()
-        inter += (part @ part.T).double()
-    area = flat.sum(dim=1).double()
-    union = area[:, None] + area[None, :] - inter
+    for name, masks in (("a", a), ("b", b)):
+        if masks.dim() != 3:
+            raise ValueError(f"{name} must be masks [n, H, W], got {tuple(masks.shape)}")
+    if a.shape[1:] != b.shape[1:]:
+        raise ValueError(f"masks of sizes {tuple(a.shape[1:])} and {tuple(b.shape[1:])} cannot be compared")
+    flat_a, flat_b = a.reshape(a.shape[0], -1).bool(), b.reshape(b.shape[0], -1).bool()
+    inter = torch.zeros((a.shape[0], b.shape[0]), dtype=torch.float64, device=a.device)
+    for start in range(0, flat_a.shape[1], _IOU_CHUNK_PIXELS):
+        part_a = flat_a[:, start : start + _IOU_CHUNK_PIXELS].float()
+        part_b = flat_b[:, start : start + _IOU_CHUNK_PIXELS].float()
+        inter += (part_a @ part_b.T).double()
+    union = flat_a.sum(dim=1).double()[:, None] + flat_b.sum(dim=1).double()[None, :] - inter
     return (inter / union.clamp(min=1)).float()
 
 

@@ -118,8 +118,8 @@ def _split(name: str, data: Any) -> SplitConfig:
     return split
 
 
-def variant_names(text: str) -> list[str]:
-    """``"uniinst,condinst"`` as ``["uniinst", "condinst"]`` (the ``--variants`` option)."""
+def comma_names(text: str) -> list[str]:
+    """``"uniinst,condinst"`` as ``["uniinst", "condinst"]`` (the ``--variants`` and ``--shapes`` options)."""
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
